@@ -1,0 +1,360 @@
+"""Sites: the adaptable units of a model, discovered from the model itself.
+
+A *site* is a module named by its path in the module tree (``encoder/layers_3/attention/mha/query``)
+with a *kind*:
+
+=============  ===================================================================================
+``linear``     Linear / Dense, LinearGeneral / DenseGeneral, Einsum (LoRA attaches here)
+``attention``  a multi-head attention module (prefix tuning attaches here)
+``block``      a residual sub-layer whose output an adapter may transform (bottleneck adapters)
+``embedding``  Embed
+``norm``       LayerNorm / RMSNorm / GroupNorm
+``conv``       Conv
+=============  ===================================================================================
+
+Kinds come from, in order: a class attribute ``__layerlens_kind__ = "block"`` on the user's module
+(a protocol any module can opt into), then :func:`register_site_kind` registrations, then the
+built-in Flax types, most specific class first. Paths join the attribute / Linen scope names with
+``/``; lists (``nnx.List``) contribute their integer index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+
+__all__ = [
+    "KINDS",
+    "Site",
+    "discover_sites",
+    "register_site_kind",
+    "site_kind_of",
+    "get_submodule",
+    "set_submodule",
+    "join_path",
+]
+
+KINDS = ("linear", "attention", "block", "embedding", "norm", "conv")
+
+_BUILTIN_KINDS: list[tuple[type, str]] = [
+    (nnx.MultiHeadAttention, "attention"),
+    (nnx.Linear, "linear"),
+    (nnx.LinearGeneral, "linear"),
+    (nnx.Einsum, "linear"),
+    (nnx.Embed, "embedding"),
+    (nnx.LayerNorm, "norm"),
+    (nnx.RMSNorm, "norm"),
+    (nnx.GroupNorm, "norm"),
+    (nnx.Conv, "conv"),
+    (nn.MultiHeadDotProductAttention, "attention"),
+    (nn.Dense, "linear"),
+    (nn.DenseGeneral, "linear"),
+    (nn.Einsum, "linear"),
+    (nn.Embed, "embedding"),
+    (nn.LayerNorm, "norm"),
+    (nn.RMSNorm, "norm"),
+    (nn.GroupNorm, "norm"),
+    (nn.Conv, "conv"),
+]
+_USER_KINDS: dict[type, str] = {}
+
+
+def register_site_kind(module_type: type, kind: str) -> None:
+    """Declare that instances of ``module_type`` (NNX or Linen) are sites of ``kind``.
+
+    Overrides the built-in mapping for that type and its subclasses; no library code is edited.
+    """
+    if not isinstance(module_type, type):
+        raise TypeError(f"register_site_kind expects a class, got {module_type!r}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown site kind {kind!r} for {module_type.__name__}; "
+                         f"expected one of {KINDS}")
+    _USER_KINDS[module_type] = kind
+
+
+def site_kind_of(module_or_type: Any) -> str | None:
+    """The site kind of a module (instance or class), or None when it is not a site."""
+    cls = module_or_type if isinstance(module_or_type, type) else type(module_or_type)
+    declared = getattr(cls, "__layerlens_kind__", None)
+    if declared is not None:
+        if declared not in KINDS:
+            raise ValueError(f"{cls.__name__}.__layerlens_kind__ = {declared!r} is not one of {KINDS}")
+        return declared
+    for klass in cls.__mro__:  # most specific registration wins
+        if klass in _USER_KINDS:
+            return _USER_KINDS[klass]
+    for klass in cls.__mro__:
+        for builtin, kind in _BUILTIN_KINDS:
+            if klass is builtin:
+                return kind
+    return None
+
+
+def join_path(parts: Iterable[Any]) -> str:
+    return "/".join(str(p) for p in parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One adaptable unit. Static metadata only (no arrays): safe as a jit-static value.
+
+    Attributes:
+      path: ``/``-joined module path.
+      kind: one of :data:`KINDS`.
+      module_type: class name of the module.
+      param_shapes: parameter path *relative to the site* -> shape, for every parameter under it.
+      num_params: total parameters under the site.
+      in_features / out_features: feature sizes of the site's input and output (for an embedding:
+        vocabulary size and embedding width; for attention: model width in and out). None where
+        unknown (a block discovered without example inputs).
+      num_heads / head_dim: for attention sites.
+      tokens_per_example: positions per example in the site's input (sequence length), when
+        discovered with example inputs.
+    """
+
+    path: str
+    kind: str
+    module_type: str
+    param_shapes: Mapping[str, tuple[int, ...]]
+    num_params: int
+    in_features: int | None = None
+    out_features: int | None = None
+    num_heads: int | None = None
+    head_dim: int | None = None
+    tokens_per_example: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["param_shapes"] = {k: list(v) for k, v in self.param_shapes.items()}
+        return d
+
+
+# ---------------------------------------------------------------------------- NNX path helpers
+
+
+def get_submodule(model: nnx.Module, path: str) -> Any:
+    node = model
+    for part in path.split("/") if path else []:
+        node = node[int(part)] if isinstance(node, (nnx.List, list, tuple)) else getattr(node, part)
+    return node
+
+
+def set_submodule(model: nnx.Module, path: str, value: Any) -> None:
+    """Replace the submodule at ``path`` (attribute or list index) with ``value``, in place."""
+    if not path:
+        raise ValueError("cannot replace the root module")
+    parent_path, _, leaf = path.rpartition("/")
+    parent = get_submodule(model, parent_path)
+    if isinstance(parent, (nnx.List, list)):
+        parent[int(leaf)] = value
+    else:
+        setattr(parent, leaf, value)
+
+
+# -------------------------------------------------------------------------------- discovery
+
+
+def _shape_dict(tree: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out = {}
+    for keypath, leaf in leaves:
+        parts = []
+        for k in keypath:
+            parts.append(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+        out[join_path(parts)] = tuple(int(s) for s in np.shape(leaf))
+    return out
+
+
+def _features_from_params(kind: str, module: Any, shapes: Mapping[str, tuple[int, ...]]):
+    """(in_features, out_features, num_heads, head_dim) read from a module's own attributes."""
+    nh = hd = None
+    fin = fout = None
+    if kind == "attention":
+        nh = getattr(module, "num_heads", None)
+        fin = getattr(module, "in_features", None)
+        qkv = getattr(module, "qkv_features", None)
+        fout = getattr(module, "out_features", None) or fin
+        if nh and qkv:
+            hd = qkv // nh
+        q = shapes.get("query/kernel")
+        if q is not None and len(q) == 3:
+            fin, nh, hd = q
+        o = shapes.get("out/kernel")
+        if o is not None and len(o) == 3:
+            fout = o[-1]
+    elif kind in ("linear", "conv") and "kernel" in shapes:
+        k = shapes["kernel"]
+        if kind == "conv":
+            fin, fout = math.prod(k[:-1]), k[-1]
+        else:
+            axis = getattr(module, "axis", (-1,))
+            n_in = len(axis) if isinstance(axis, tuple) else 1
+            if hasattr(module, "kernel_shape") and hasattr(module, "einsum_str"):
+                n_in = 1  # Einsum: treat the leading kernel axis as input
+            fin, fout = math.prod(k[:n_in]), math.prod(k[n_in:])
+    elif kind == "embedding" and "embedding" in shapes:
+        fin, fout = shapes["embedding"]
+    elif kind == "norm":
+        size = next(iter(shapes.values()), (None,))
+        fin = fout = size[-1] if size else None
+    return fin, fout, nh, hd
+
+
+def _discover_nnx(model: nnx.Module, example: tuple | None) -> list[Site]:
+    io_shapes = _nnx_io_shapes(model, example) if example is not None else {}
+    sites = []
+    for parts, module in nnx.iter_modules(model):
+        path = join_path(parts)
+        kind = site_kind_of(module)
+        if kind is None or not path:
+            continue
+        shapes = _shape_dict(nnx.state(module, nnx.Param).to_pure_dict())
+        sites.append(_make_site(path, kind, module, shapes, io_shapes.get(path)))
+    return sites
+
+
+def _make_site(path, kind, module, shapes, io) -> Site:
+    fin, fout, nh, hd = _features_from_params(kind, module, shapes)
+    tokens = None
+    if io is not None:
+        in_shape, out_shape = io
+        if in_shape is not None and len(in_shape) >= 2:
+            if kind == "embedding":
+                tokens = math.prod(in_shape[1:])
+            else:
+                if fin is None or kind in ("block", "attention"):
+                    fin = fin or in_shape[-1]
+                per_example = math.prod(in_shape[1:])
+                # positions = everything between the batch axis and the feature axes
+                tokens = (per_example // fin if kind == "linear" and per_example % fin == 0
+                          else math.prod(in_shape[1:-1]))
+        if out_shape is not None and (fout is None or kind == "block"):
+            fout = out_shape[-1]
+        if kind == "block" and in_shape is not None:
+            fin = in_shape[-1]
+    return Site(path=path, kind=kind, module_type=type(module).__name__,
+                param_shapes=dict(shapes), num_params=int(sum(math.prod(s) for s in shapes.values())),
+                in_features=None if fin is None else int(fin),
+                out_features=None if fout is None else int(fout),
+                num_heads=None if nh is None else int(nh), head_dim=None if hd is None else int(hd),
+                tokens_per_example=None if tokens is None else int(tokens))
+
+
+class _ShapeRecorder:
+    """Stands in for a site module during an abstract trace and records (input, output) shapes."""
+
+    def __init__(self, inner, path, record):
+        self._inner, self._path, self._record = inner, path, record
+
+    def __call__(self, *args, **kwargs):
+        out = self._inner(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        self._record.setdefault(self._path, (getattr(x, "shape", None), getattr(out, "shape", None)))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def _split_example(example):
+    if isinstance(example, dict) and set(example) <= {"args", "kwargs"}:
+        return tuple(example.get("args", ())), dict(example.get("kwargs", {}))
+    if isinstance(example, tuple):
+        return example, {}
+    return (example,), {}
+
+
+def _nnx_io_shapes(model: nnx.Module, example) -> dict[str, tuple]:
+    args, kwargs = _split_example(example)
+    graphdef, state = nnx.split(model)
+    record: dict[str, tuple] = {}
+
+    def run(state, args, kwargs):
+        m = nnx.merge(graphdef, state)
+        paths = [join_path(p) for p, mod in nnx.iter_modules(m) if p and site_kind_of(mod)]
+        for path in sorted(paths, key=lambda p: -p.count("/")):
+            set_submodule(m, path, _ShapeRecorder(get_submodule(m, path), path, record))
+        return m(*args, **kwargs)
+
+    jax.eval_shape(run, state, args, kwargs)
+    return record
+
+
+def _discover_linen(module: nn.Module, variables: Mapping, example) -> list[Site]:
+    if example is None:
+        raise ValueError("discover_sites for a Linen module needs example inputs "
+                         "(example=(input_ids, ...)): Linen builds its submodules only when called")
+    args, kwargs = _split_example(example)
+    found: dict[str, tuple] = {}
+
+    def interceptor(next_fun, a, kw, ctx):
+        out = next_fun(*a, **kw)
+        if ctx.method_name == "__call__":
+            kind = site_kind_of(ctx.module)
+            path = join_path(ctx.module.scope.path)
+            if kind is not None and path and path not in found:
+                x = a[0] if a else None
+                found[path] = (kind, type(ctx.module), getattr(x, "shape", None),
+                               getattr(out, "shape", None), ctx.module)
+        return out
+
+    def run(variables):
+        with nn.intercept_methods(interceptor):
+            return module.apply(variables, *args, **kwargs)
+
+    jax.eval_shape(run, variables)
+    params = variables.get("params", {})
+    sites = []
+    for path, (kind, cls, in_shape, out_shape, mod) in found.items():
+        sub = params
+        for part in path.split("/"):
+            sub = sub.get(part, {}) if isinstance(sub, Mapping) else {}
+        shapes = _shape_dict(sub)
+        sites.append(_make_site(path, kind, mod, shapes, (in_shape, out_shape)))
+    return sorted(sites, key=lambda s: s.path)
+
+
+def discover_sites(model: Any, variables: Mapping | None = None, *, example: Any = None,
+                   kinds: Iterable[str] | None = None,
+                   include: Callable[[Site], bool] | None = None) -> list[Site]:
+    """Find every adaptable unit of a model.
+
+    Args:
+      model: an ``nnx.Module``, or a Linen ``nn.Module`` (then pass ``variables`` and ``example``).
+      variables: Linen variables (``{"params": ...}``).
+      example: example inputs of the model's ``__call__``: one array, a tuple of positional
+        arguments, or ``{"args": (...), "kwargs": {...}}``. With it, each site also records the
+        sequence length it sees and its input/output widths (needed for ``block`` sites).
+      kinds: keep only these kinds.
+      include: an extra predicate over sites.
+
+    Returns sites sorted by path. Raises ``ValueError`` for a model with no sites.
+    """
+    if kinds is not None:
+        kinds = tuple(kinds)
+        bad = [k for k in kinds if k not in KINDS]
+        if bad:
+            raise ValueError(f"unknown site kind(s) {bad}; expected a subset of {KINDS}")
+    if isinstance(model, nnx.Module):
+        sites = _discover_nnx(model, example)
+    elif isinstance(model, nn.Module):
+        if variables is None:
+            raise ValueError("discover_sites for a Linen module needs its variables")
+        sites = _discover_linen(model, variables, example)
+    else:
+        raise TypeError(f"discover_sites expects a flax nnx.Module or linen Module, "
+                        f"got {type(model).__name__}")
+    if kinds is not None:
+        sites = [s for s in sites if s.kind in kinds]
+    if include is not None:
+        sites = [s for s in sites if include(s)]
+    if not sites:
+        raise ValueError(f"no adaptable sites found in {type(model).__name__}: it has no module of "
+                         f"a known kind {KINDS}; register yours with register_site_kind(cls, kind)")
+    return sorted(sites, key=lambda s: s.path)
