@@ -106,7 +106,9 @@ class Embeddings(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
     def __call__(self, input_ids, token_type_ids):
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+        # positions broadcast to (B, T): the example axis comes first at every site, which is what
+        # per-example statistics (layerlens_jax.profile) rely on.
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         h = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
         return self.dropout(self.norm(h))
 
@@ -230,7 +232,7 @@ class LinenEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, input_ids, token_type_ids, deterministic=True):
         cfg, init = self.cfg, nn.initializers.normal(0.02)
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         h = (nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="word")(input_ids)
              + nn.Embed(cfg.max_position, cfg.hidden_size, embedding_init=init,
                         name="position")(positions)

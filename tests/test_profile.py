@@ -1,0 +1,232 @@
+"""profile() against a slow, obviously-correct per-example vmap(grad) reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from layerlens_jax.models import (BertClassifier, BertConfig, LinenBertClassifier, LinenMLP, MLP,
+                                  nnx_params_as_linen)
+from layerlens_jax.profile import profile, sampled_label_loss
+from layerlens_jax.sites import discover_sites
+
+RTOL = 2e-4
+
+
+def _ce(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def bert_loss(model, batch):
+    return _ce(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+
+def make_batches(cfg, n_batches=2, b=4, t=6, seed=0, pad_last_example=False):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_batches):
+        ids = rng.integers(1, cfg.vocab_size, (b, t)).astype(np.int32)
+        ids[:, 1] = ids[:, 2]  # repeated token ids inside an example (embedding rule)
+        am = np.ones((b, t), np.int32)
+        am[0, t - 2:] = 0  # padding
+        am[1, t - 1:] = 0
+        em = np.ones((b,), np.float32)
+        if pad_last_example and i == n_batches - 1:
+            em[-1] = 0.0
+        out.append({"input_ids": ids, "attention_mask": am,
+                    "labels": rng.integers(0, cfg.num_labels, (b,)).astype(np.int32),
+                    "example_mask": em})
+    return out
+
+
+def reference_stats(per_example_grad, batches, sites):
+    """grad_norm and fisher_trace from explicit per-example gradients (vmap(grad))."""
+    sq = {s.path: [] for s in sites}
+    gsum = {s.path: None for s in sites}
+    n = 0.0
+    for batch in batches:
+        g = jax.vmap(per_example_grad)(batch)  # dict path -> (B, ...)
+        w = batch["example_mask"]
+        n += w.sum()
+        for s in sites:
+            leaves = [v for k, v in g.items() if k.rpartition("/")[0] == s.path
+                      or k.startswith(s.path + "/")]
+            per = sum(np.sum(np.asarray(v, np.float64).reshape(v.shape[0], -1) ** 2, 1)
+                      for v in leaves)
+            sq[s.path].append(per * w)
+            tot = [np.tensordot(w, np.asarray(v, np.float64), 1).ravel() for v in leaves]
+            tot = np.concatenate(tot)
+            gsum[s.path] = tot if gsum[s.path] is None else gsum[s.path] + tot
+    fisher = np.array([np.concatenate(sq[s.path]).sum() / n for s in sites])
+    gnorm = np.array([np.linalg.norm(gsum[s.path] / n) for s in sites])
+    return gnorm, fisher
+
+
+def _flat(tree):
+    from layerlens_jax.profile import _flat as f
+    return f(tree)
+
+
+def nnx_per_example_grad(model, loss_fn):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def g(example):
+        ex = jax.tree.map(lambda a: a[None], example)
+
+        def loss(p):
+            return loss_fn(nnx.merge(graphdef, p, rest), ex)[0]
+
+        return _flat(jax.grad(loss)(params).to_pure_dict())
+
+    return g
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = BertConfig.tiny()
+    return cfg, BertClassifier(cfg, rngs=nnx.Rngs(0))
+
+
+def test_nnx_bert_matches_vmap_grad_reference(tiny):
+    cfg, model = tiny
+    batches = make_batches(cfg, pad_last_example=True)
+    stats = profile(model, bert_loss, batches)
+    assert len(stats.sites) == 28
+    gn, fi = reference_stats(nnx_per_example_grad(model, bert_loss), batches, stats.sites)
+    np.testing.assert_allclose(stats.fisher_trace, fi, rtol=RTOL, atol=1e-9)
+    np.testing.assert_allclose(stats.grad_norm, gn, rtol=RTOL, atol=1e-9)
+    assert stats.num_examples == 7
+    assert stats.num_tokens == sum(int((b["attention_mask"] * b["example_mask"][:, None]).sum())
+                                   for b in batches)
+    kinds = {s.kind for s in stats.sites}
+    assert kinds == {"linear", "attention", "block", "embedding", "norm"}
+    assert np.all(stats.fisher_trace > 0)
+
+
+def linen_per_example_grad(module, variables, loss_fn):
+    def g(example):
+        ex = jax.tree.map(lambda a: a[None], example)
+
+        def loss(p):
+            return loss_fn({**variables, "params": p}, ex)[0]
+
+        return _flat(jax.grad(loss)(variables["params"]))
+
+    return g
+
+
+def test_linen_bert_matches_reference_and_nnx_twin(tiny):
+    cfg, model = tiny
+    module = LinenBertClassifier(cfg)
+    variables = nnx_params_as_linen(model)
+
+    def loss(variables, batch):
+        return _ce(module.apply(variables, batch["input_ids"], batch["attention_mask"]),
+                   batch["labels"])
+
+    batches = make_batches(cfg, seed=3)
+    stats = profile(module, loss, batches, variables=variables)
+    gn, fi = reference_stats(linen_per_example_grad(module, variables, loss), batches, stats.sites)
+    np.testing.assert_allclose(stats.fisher_trace, fi, rtol=RTOL, atol=1e-9)
+    np.testing.assert_allclose(stats.grad_norm, gn, rtol=RTOL, atol=1e-9)
+    twin = profile(model, bert_loss, batches)  # same weights, same names: same numbers
+    assert twin.paths == stats.paths
+    np.testing.assert_allclose(twin.fisher_trace, stats.fisher_trace, rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("seq", [1, 40])  # seq 40 > dims: the outer-product path; 1: T == 1
+def test_mlp_dense_rules_nnx_and_linen(seq):
+    feats = (4, 8, 3)
+    model = MLP(feats, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(seq)
+    batches = [{"x": rng.normal(size=(5, seq, 4)).astype(np.float32),
+                "y": rng.normal(size=(5, seq, 3)).astype(np.float32)} for _ in range(2)]
+
+    def loss(m, b):
+        return jnp.mean((m(b["x"]) - b["y"]) ** 2, axis=(1, 2))
+
+    sites = discover_sites(model)
+    stats = profile(model, loss, batches, sites=sites)
+    for b in batches:
+        b["example_mask"] = np.ones((5,), np.float32)
+    gn, fi = reference_stats(nnx_per_example_grad(model, loss), batches, stats.sites)
+    np.testing.assert_allclose(stats.fisher_trace, fi, rtol=RTOL)
+    np.testing.assert_allclose(stats.grad_norm, gn, rtol=RTOL)
+
+    module = LinenMLP(feats)
+    variables = {"params": nnx.state(model, nnx.Param).to_pure_dict()}
+
+    def lloss(v, b):
+        return jnp.mean((module.apply(v, b["x"]) - b["y"]) ** 2, axis=(1, 2))
+
+    lsites = discover_sites(module, variables, example=batches[0]["x"])
+    lstats = profile(module, lloss, batches, variables=variables, sites=lsites)
+    np.testing.assert_allclose(lstats.fisher_trace, fi, rtol=RTOL)
+
+
+def test_streaming_compiles_once_and_counts(tiny):
+    cfg, model = tiny
+    traces = []
+
+    def loss(m, b):
+        traces.append(1)
+        return bert_loss(m, b)
+
+    stats = profile(model, loss, make_batches(cfg, n_batches=4), max_batches=3)
+    assert len(traces) == 1
+    assert stats.num_batches == 3 and stats.num_examples == 12
+
+
+def test_sampled_fisher_matches_reference(tiny):
+    cfg, model = tiny
+    batches = make_batches(cfg, n_batches=1, seed=5)
+    key = jax.random.key(7)
+    logits_fn = lambda m, b: m(b["input_ids"], b["attention_mask"])  # noqa: E731
+    stats = profile(model, bert_loss, batches, sample_loss_fn=sampled_label_loss(logits_fn),
+                    rng=key)
+    b = batches[0]
+    sampled = jax.random.categorical(jax.random.fold_in(key, 0), logits_fn(model, b), axis=-1)
+    ref_batches = [{**b, "labels": np.asarray(sampled)}]
+    _, fi = reference_stats(nnx_per_example_grad(model, bert_loss), ref_batches, stats.sites)
+    np.testing.assert_allclose(stats.fisher_trace_sampled, fi, rtol=RTOL, atol=1e-9)
+    assert not np.allclose(stats.fisher_trace_sampled, stats.fisher_trace)
+
+
+def test_nan_statistic_names_site_and_batch(tiny):
+    cfg, model = tiny
+    batches = make_batches(cfg, n_batches=3)
+    batches[2]["labels"] = batches[2]["labels"].copy()
+
+    def loss(m, b):
+        out = bert_loss(m, b)
+        return out * b["scale"]
+
+    for i, b in enumerate(batches):
+        b["scale"] = np.full((4,), np.nan if i == 2 else 1.0, np.float32)
+    with pytest.raises(FloatingPointError, match=r"batch 2"):
+        profile(model, loss, batches)
+
+
+def test_bad_loss_shape_and_empty_inputs(tiny):
+    cfg, model = tiny
+    with pytest.raises(ValueError, match="per-example losses"):
+        profile(model, lambda m, b: bert_loss(m, b).mean(), make_batches(cfg, 1))
+    with pytest.raises(ValueError, match="no batches"):
+        profile(model, bert_loss, [])
+    with pytest.raises(TypeError, match="nnx.Module or a linen"):
+        profile(object(), bert_loss, make_batches(cfg, 1))
+
+
+def test_broadcast_batch_axis_is_rejected():
+    class Pos(nnx.Module):
+        def __init__(self):
+            self.pos = nnx.Embed(8, 4, rngs=nnx.Rngs(0))
+            self.head = nnx.Linear(4, 1, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.head(x + self.pos(jnp.arange(x.shape[1])[None]))
+
+    with pytest.raises(ValueError, match="example axis"):
+        profile(Pos(), lambda m, b: m(b)[:, :, 0].sum(1), [np.ones((3, 8, 4), np.float32)])
