@@ -1,0 +1,318 @@
+"""Linen shell: a wrapper that shares the model's scope and runs it inside ``nn.intercept_methods``.
+
+``PeftLinen(model, assignments, options)`` calls ``model`` unchanged; an interceptor matches each
+intercepted module's scope path against the plan and, for a match, creates the adapter parameters
+*in that module's scope* (``ctx.module.param("peft_lora_a", ...)``, as gemma's ``peft`` does) and
+adds the adapter term from :mod:`layerlens_jax.peft.functional`. No edit of the user's model code;
+the base parameter tree is unchanged (adapter leaves are added next to the site's own parameters,
+``<site>/peft_*``) and it works under ``nn.scan`` (adapter parameters get the scan axis).
+
+Prefix tuning swaps the intercepted attention module's ``attention_fn`` for the duration of its
+call (Linen has no other hook into it).
+
+A site the model never calls, or a module of the wrong kind at a planned path, raises
+``ValueError`` naming the site at the first call (``init``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from layerlens_jax.peft import functional as F
+from layerlens_jax.peft.apply import (METHOD_KINDS, PeftOptions, _flatten, _unflatten,
+                                      partition_params)
+from layerlens_jax.sites import site_kind_of
+
+__all__ = ["PeftLinen", "init_adapters", "merge_linen"]
+
+_he_uniform = nn.initializers.he_uniform()
+_zeros = nn.initializers.zeros
+
+
+def _param(module: nn.Module, name: str, init, shape, dtype):
+    """``module.param`` that also works while a setup-style (non-compact) method runs."""
+    if module._initialization_allowed:  # compact method: the normal case
+        return module.param(name, init, shape, dtype)
+    state = module._state
+    prev = state.in_compact_method
+    state.in_compact_method = True  # a setup-style module: allow the adapter's own variables
+    try:
+        return module.param(name, init, shape, dtype)
+    finally:
+        state.in_compact_method = prev
+
+
+def _tuple(v, n):
+    if v is None:
+        return (1,) * n
+    if isinstance(v, int):
+        return (v,) * n
+    return tuple(v)
+
+
+class PeftLinen(nn.Module):
+    """A Linen model with LoRA / Adapter / Prefix at the planned sites (see module docstring).
+
+    Use like the model: ``variables = init_adapters(wrapped, rng, base_variables, *example)``,
+    then ``wrapped.apply(variables, *inputs)``. ``wrapped.apply(variables, *a, method_name="embed")``
+    runs another method of the model (``method_name`` defaults to ``"__call__"``).
+    Set ``deterministic=False`` (``wrapped.clone(deterministic=False)``) and pass
+    ``rngs={"dropout": key}`` for LoRA dropout.
+    """
+
+    model: nn.Module
+    assignments: tuple[tuple[str, str, int], ...]
+    options: PeftOptions = PeftOptions()
+    deterministic: bool = True
+
+    @classmethod
+    def create(cls, model: nn.Module, assignments: Mapping[str, tuple[str, int]],
+               options: PeftOptions) -> "PeftLinen":
+        return cls(model=model, options=options,
+                   assignments=tuple(sorted((s, m, int(z)) for s, (m, z) in assignments.items())))
+
+    def setup(self):
+        nn.share_scope(self, self.model)
+
+    def __call__(self, *args, method_name: str = "__call__", **kwargs):
+        table = {s: (m, z) for s, m, z in self.assignments}
+        seen: set[str] = set()
+        interceptor = functools.partial(self._intercept, table, seen)
+        with nn.intercept_methods(interceptor):
+            out = getattr(self.model, method_name)(*args, **kwargs)
+        if method_name == "__call__":
+            missing = sorted(set(table) - seen)
+            if missing:
+                raise ValueError(f"plan names site(s) {missing} which {type(self.model).__name__} "
+                                 f"does not have (no module at that path was called)")
+        return out
+
+    # ------------------------------------------------------------------ interception
+    @nn.nowrap
+    def _intercept(self, table, seen, next_fun, args, kwargs, ctx):
+        module = ctx.module
+        scope = module.scope
+        path = "/".join(scope.path) if scope is not None else None
+        entry = table.get(path) if path else None
+        if entry is None:
+            return next_fun(*args, **kwargs)
+        method, size = entry
+        kind = site_kind_of(module)
+        if kind not in METHOD_KINDS[method]:
+            raise ValueError(f"plan assigns {method} to site {path!r} of kind {kind!r} "
+                             f"({type(module).__name__}); {method} needs a site of kind "
+                             f"{' or '.join(METHOD_KINDS[method])}")
+        if method == "lora" and ctx.method_name == "attend" and isinstance(module, nn.Embed):
+            seen.add(path)
+            y = next_fun(*args, **kwargs)
+            a, b, scale = self._lora_params(module, path, size, module.embedding.shape)
+            return y + F.lora_attend_delta(args[0], a, b, scale).astype(y.dtype)
+        if ctx.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        seen.add(path)
+        if method == "lora":
+            return self._lora(module, path, size, next_fun, args, kwargs)
+        if method == "adapter":
+            h = next_fun(*args, **kwargs)
+            if not hasattr(h, "shape"):
+                raise TypeError(f"adapter on site {path!r} expects the block to return one array, "
+                                f"got {type(h).__name__}")
+            d, opts = h.shape[-1], self.options
+            down = _param(module, "peft_adapter_down", _he_uniform, (d, size), opts.param_dtype)
+            down_b = _param(module, "peft_adapter_down_bias", _zeros, (size,), opts.param_dtype)
+            up = _param(module, "peft_adapter_up", _zeros, (size, d), opts.param_dtype)
+            up_b = _param(module, "peft_adapter_up_bias", _zeros, (d,), opts.param_dtype)
+            return h + F.adapter_delta(h, down, down_b, up, up_b,
+                                       opts.adapter_activation).astype(h.dtype)
+        return self._prefix(module, path, size, next_fun, args, kwargs)
+
+    @nn.nowrap
+    def _lora_params(self, module, path, size, kernel_shape):
+        opts = self.options
+        kinfo = _lora_fans(module, path, kernel_shape)
+        a = _param(module, "peft_lora_a", _he_uniform, (kinfo[0], size), opts.param_dtype)
+        b = _param(module, "peft_lora_b", _zeros, (size, kinfo[1]), opts.param_dtype)
+        return a, b, F.lora_scale(opts.lora_alpha, size, opts.use_rslora)
+
+    @nn.nowrap
+    def _dropout(self, module, x):
+        rate = self.options.lora_dropout
+        if rate <= 0.0 or self.deterministic:
+            return x
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+    @nn.nowrap
+    def _lora(self, module, path, size, next_fun, args, kwargs):
+        y = next_fun(*args, **kwargs)
+        x = args[0] if args else kwargs.get("inputs")
+        name = "embedding" if isinstance(module, nn.Embed) else "kernel"
+        kernel_shape = module.get_variable("params", name).shape
+        a, b, scale = self._lora_params(module, path, size, kernel_shape)
+        if isinstance(module, nn.Embed):
+            delta = F.lora_embed_delta(x, a, b, scale)
+        elif isinstance(module, nn.Dense):
+            delta = F.lora_delta(self._dropout(module, x), a, b, scale)
+        elif isinstance(module, nn.DenseGeneral):
+            axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+            feats = module.features if isinstance(module.features, tuple) else (module.features,)
+            delta = F.lora_general_delta(self._dropout(module, x), a, b, scale, axis=axis,
+                                         out_shape=feats)
+        elif isinstance(module, nn.Einsum):
+            einsum_str = kwargs.get("einsum_str") or module.einsum_str
+            delta = F.lora_einsum_delta(self._dropout(module, x), a, b, scale,
+                                        einsum_str=einsum_str, kernel_shape=kernel_shape)
+        else:  # nn.Conv (validated in _lora_fans)
+            ks = module.kernel_size if isinstance(module.kernel_size, tuple) else tuple(
+                module.kernel_size) if not isinstance(module.kernel_size, int) else (
+                module.kernel_size,)
+            n = len(ks)
+            padding = module.padding
+            if not isinstance(padding, str):
+                from flax.linen.linear import canonicalize_padding
+                padding = canonicalize_padding(padding, n)
+            delta = F.lora_conv_delta(self._dropout(module, x), a, b, scale, kernel_size=ks,
+                                      strides=_tuple(module.strides, n), padding=padding,
+                                      input_dilation=_tuple(module.input_dilation, n),
+                                      kernel_dilation=_tuple(module.kernel_dilation, n))
+        return y + delta.astype(y.dtype)
+
+    @nn.nowrap
+    def _prefix(self, module, path, size, next_fun, args, kwargs):
+        if not hasattr(module, "attention_fn"):
+            raise ValueError(f"prefix cannot attach to site {path!r}: {type(module).__name__} has "
+                             f"no `attention_fn`")
+        opts = self.options
+        orig = module.attention_fn
+        orig_params = inspect.signature(orig).parameters
+        accepts_var_kw = any(p.kind is p.VAR_KEYWORD for p in orig_params.values())
+
+        def prefix_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
+                      dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
+                      precision=None, module=None, force_fp32_for_softmax=False,
+                      qk_attn_weights_einsum=None, attn_weights_value_einsum=None):
+            given = dict(bias=bias, broadcast_dropout=broadcast_dropout, dropout_rng=dropout_rng,
+                         dropout_rate=dropout_rate, deterministic=deterministic, dtype=dtype,
+                         precision=precision, module=module,
+                         force_fp32_for_softmax=force_fp32_for_softmax,
+                         qk_attn_weights_einsum=qk_attn_weights_einsum,
+                         attn_weights_value_einsum=attn_weights_value_einsum)
+            base_kwargs = {k: v for k, v in given.items()
+                           if (k in orig_params or accepts_var_kw) and (
+                               v is not None or k in ("dtype", "precision"))}
+            pk, pv = self._prefix_kv(mod, size, key.shape[-2], key.shape[-1], opts)
+            return F.prefix_attention(query, key, value, pk, pv, base_fn=orig, mode=opts.prefix_mode,
+                                      mask=mask, is_causal=False, pass_is_causal=False,
+                                      base_kwargs=base_kwargs)
+
+        mod = module
+        object.__setattr__(module, "attention_fn", prefix_fn)
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(module, "attention_fn", orig)
+
+    @nn.nowrap
+    def _prefix_kv(self, module, length, heads, head_dim, opts):
+        dt = opts.param_dtype
+        shape = (length, heads, head_dim)
+        if opts.prefix_reparam_hidden is None:
+            k = _param(module, "peft_prefix_key", nn.initializers.normal(0.02), shape, dt)
+            v = _param(module, "peft_prefix_value", _zeros, shape, dt)
+            return k, v
+        d, h = heads * head_dim, int(opts.prefix_reparam_hidden)
+        lecun = nn.initializers.lecun_normal()
+
+        def w2_init(key, shape, dtype):
+            return jnp.concatenate([lecun(key, (h, d), dtype), jnp.zeros((h, d), dtype)], axis=1)
+
+        e = _param(module, "peft_prefix_embed", nn.initializers.normal(0.02), (length, d), dt)
+        w1 = _param(module, "peft_prefix_mlp_w1", lecun, (d, h), dt)
+        b1 = _param(module, "peft_prefix_mlp_b1", _zeros, (h,), dt)
+        w2 = _param(module, "peft_prefix_mlp_w2", w2_init, (h, 2 * d), dt)
+        b2 = _param(module, "peft_prefix_mlp_b2", _zeros, (2 * d,), dt)
+        return F.prefix_reparam(e, w1, b1, w2, b2, heads, head_dim)
+
+
+def _lora_fans(module, path, kernel_shape) -> tuple[int, int]:
+    """(fan_in, fan_out) of a Linen LoRA target; ValueError naming the site otherwise."""
+    if isinstance(module, (nn.Dense, nn.Embed)):
+        return kernel_shape[-2], kernel_shape[-1]
+    if isinstance(module, nn.DenseGeneral):
+        if module.batch_dims:
+            raise ValueError(f"LoRA on site {path!r}: DenseGeneral with batch_dims is not supported")
+        feats = module.features if isinstance(module.features, tuple) else (module.features,)
+        n_out = len(feats)
+        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        in_shape = kernel_shape[len(kernel_shape) - n_out - len(axis): len(kernel_shape) - n_out]
+        return math.prod(in_shape), math.prod(feats)
+    if isinstance(module, nn.Einsum):
+        return module.shape[0], math.prod(module.shape[1:])
+    if isinstance(module, nn.Conv) and not isinstance(module, nn.ConvTranspose):
+        if module.feature_group_count != 1 or module.mask is not None:
+            raise ValueError(f"LoRA on site {path!r}: grouped or masked convolutions are not "
+                             f"supported")
+        if isinstance(module.padding, str) and module.padding not in ("SAME", "VALID"):
+            raise ValueError(f"LoRA on site {path!r}: conv padding {module.padding!r} is not "
+                             f"supported")
+        ks = module.kernel_size if not isinstance(module.kernel_size, int) else (module.kernel_size,)
+        n = len(tuple(ks))
+        return math.prod(kernel_shape[-(n + 2):-1]), kernel_shape[-1]
+    raise ValueError(f"LoRA cannot wrap site {path!r} of type {type(module).__name__}")
+
+
+def init_adapters(wrapped: PeftLinen, rng: jax.Array, variables: Mapping, *args, **kwargs) -> dict:
+    """Variables for ``wrapped``: the given base ``variables`` plus freshly initialised adapters.
+
+    Runs ``wrapped.init`` (jit-compiled) on the example inputs, keeps only its ``peft_*`` leaves and
+    checks that the rest has exactly the structure and shapes of ``variables["params"]``.
+    """
+    init = jax.jit(lambda r, a, k: wrapped.init(r, *a, **k))
+    fresh = init(rng, args, kwargs)
+    adapters, base = partition_params(fresh["params"])
+    given = _flatten(variables["params"])
+    made = _flatten(base)
+    if set(given) != set(made):
+        extra = sorted("/".join(k) for k in set(given) ^ set(made))[:5]
+        raise ValueError(f"base variables do not match the model: differing parameters {extra}")
+    for k, v in made.items():
+        if tuple(jnp.shape(given[k])) != tuple(v.shape):
+            raise ValueError(f"base parameter {'/'.join(k)!r} has shape {jnp.shape(given[k])}, the "
+                             f"model expects {v.shape}")
+    params = _unflatten({**given, **_flatten(adapters)})
+    return {**variables, "params": params}
+
+
+def merge_linen(wrapped: PeftLinen, variables: Mapping) -> tuple[nn.Module, dict]:
+    """Fold LoRA into the base kernels of a Linen model: ``(module, variables)``; the module is the
+    bare model when nothing else remains, else a ``PeftLinen`` with the adapters / prefixes left."""
+    flat = _flatten(variables["params"])
+    remaining = []
+    for site, method, size in wrapped.assignments:
+        if method != "lora":
+            remaining.append((site, method, size))
+            continue
+        key = tuple(site.split("/"))
+        a = flat.pop(key + ("peft_lora_a",), None)
+        b = flat.pop(key + ("peft_lora_b",), None)
+        if a is None or b is None:
+            raise ValueError(f"variables have no LoRA factors for site {site!r}; initialise them "
+                             f"with init_adapters first")
+        name = "embedding" if key + ("embedding",) in flat else "kernel"
+        kernel = flat[key + (name,)]
+        scale = F.lora_scale(wrapped.options.lora_alpha, size, wrapped.options.use_rslora)
+        delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32),
+                           precision=jax.lax.Precision.HIGHEST) * scale
+        flat[key + (name,)] = (kernel.astype(jnp.float32) + delta.reshape(kernel.shape)).astype(
+            kernel.dtype)
+    out = {**variables, "params": _unflatten(flat)}
+    if not remaining:
+        return wrapped.model, out
+    return wrapped.clone(assignments=tuple(remaining)), out

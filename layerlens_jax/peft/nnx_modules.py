@@ -1,0 +1,363 @@
+"""Flax NNX shells: ``LoRA``, ``Adapter``, ``Prefix`` and the adapter variable types.
+
+Every adapter leaf is a :class:`PeftParam` (a subclass of ``nnx.LoRAParam``) whose attribute name
+starts with :data:`PEFT_PREFIX` (``"peft_"``). So one filter selects what trains
+(``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` works unchanged, as does
+``nnx.DiffState(0, nnx.LoRAParam)``), and one name predicate selects the same leaves in a Linen
+parameter dict, an optax label tree or a checkpoint. Careful: ``nnx.Param`` matches them too; the
+frozen base is ``nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))`` (:data:`BASE_FILTER`).
+
+The maths lives in :mod:`layerlens_jax.peft.functional`; these classes hold variables and
+dispatch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layerlens_jax.peft import functional as F
+
+__all__ = [
+    "PEFT_PREFIX",
+    "PeftParam",
+    "LoRAWeight",
+    "AdapterWeight",
+    "PrefixWeight",
+    "PEFT_FILTER",
+    "BASE_FILTER",
+    "LoRA",
+    "Adapter",
+    "Prefix",
+    "lora_target_info",
+    "prefix_target_info",
+]
+
+PEFT_PREFIX = "peft_"
+
+
+class PeftParam(nnx.LoRAParam):
+    """Base type of every layerlens adapter variable (a subclass of ``nnx.LoRAParam``)."""
+
+
+class LoRAWeight(PeftParam):
+    """LoRA factors ``peft_lora_a`` / ``peft_lora_b``."""
+
+
+class AdapterWeight(PeftParam):
+    """Bottleneck adapter kernels and biases ``peft_adapter_*``."""
+
+
+class PrefixWeight(PeftParam):
+    """Prefix keys / values (or their reparameterisation) ``peft_prefix_*``."""
+
+
+#: Selects exactly the adapter state (all methods).
+PEFT_FILTER = PeftParam
+#: Selects the frozen base parameters.
+BASE_FILTER = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+_default_a_init = nnx.initializers.he_uniform()
+_zeros = nnx.initializers.zeros
+
+
+def _site_name(site):
+    return f"site {site!r}" if site else "this module"
+
+
+def lora_target_info(module: Any, site: str | None = None) -> dict[str, Any]:
+    """How LoRA wraps ``module``: ``{"kind", "fan_in", "fan_out", "kernel_name", "kernel_shape"}``.
+
+    Raises ``ValueError`` naming the site when the module cannot carry LoRA.
+    """
+    where = _site_name(site)
+    if isinstance(module, nnx.Linear):
+        shape = tuple(module.kernel.shape)
+        return dict(kind="linear", fan_in=shape[0], fan_out=shape[1], kernel_name="kernel",
+                    kernel_shape=shape)
+    if isinstance(module, nnx.LinearGeneral):
+        if len(module.batch_axis):
+            raise ValueError(f"LoRA on {where}: LinearGeneral with batch_axis is not supported")
+        return dict(kind="general", fan_in=math.prod(module.in_features),
+                    fan_out=math.prod(module.out_features), kernel_name="kernel",
+                    kernel_shape=tuple(module.kernel.shape))
+    if isinstance(module, nnx.Einsum):
+        shape = tuple(module.kernel_shape)
+        return dict(kind="einsum", fan_in=shape[0], fan_out=math.prod(shape[1:]),
+                    kernel_name="kernel", kernel_shape=shape)
+    if isinstance(module, nnx.Embed):
+        shape = tuple(module.embedding.shape)
+        return dict(kind="embed", fan_in=shape[0], fan_out=shape[1], kernel_name="embedding",
+                    kernel_shape=shape)
+    if isinstance(module, nnx.Conv) and not isinstance(module, nnx.ConvTranspose):
+        if module.feature_group_count != 1:
+            raise ValueError(f"LoRA on {where}: grouped convolutions are not supported")
+        if module.mask is not None:
+            raise ValueError(f"LoRA on {where}: masked convolutions are not supported")
+        if isinstance(module.padding, str) and module.padding not in ("SAME", "VALID"):
+            raise ValueError(f"LoRA on {where}: conv padding {module.padding!r} is not supported "
+                             f"(SAME, VALID or explicit pairs are)")
+        shape = tuple(module.kernel.shape)
+        return dict(kind="conv", fan_in=math.prod(shape[:-1]), fan_out=shape[-1],
+                    kernel_name="kernel", kernel_shape=shape)
+    raise ValueError(f"LoRA cannot wrap {where} of type {type(module).__name__}: expected "
+                     f"nnx.Linear, LinearGeneral, Einsum, Embed or Conv")
+
+
+class LoRA(nnx.Module):
+    """Low-rank adaptation of a linear / einsum / embedding / conv module.
+
+    ``y = base(x) + scale * (dropout(x) @ A) @ B`` with ``A: (fan_in, rank)`` (He-uniform),
+    ``B: (rank, fan_out)`` (zeros) and ``scale = alpha / rank`` (``alpha / sqrt(rank)`` with
+    ``use_rslora``). ``fan_in`` / ``fan_out`` are the flattened input / output sizes of the base kernel,
+    so the trainable count is ``rank * (fan_in + fan_out)`` (no LoRA bias).
+
+    Compared with ``nnx.LoRALinear``: wraps any existing module instance (no re-creation, the base
+    Variables are shared), has alpha scaling and rsLoRA, supports LinearGeneral / Einsum / Embed
+    (also ``attend``) / Conv, and :func:`layerlens_jax.peft.merge` folds it back into the kernel.
+
+    Attributes: ``base_module`` (the wrapped module), ``peft_lora_a``, ``peft_lora_b``
+    (:class:`LoRAWeight`), static ``rank``, ``alpha``, ``use_rslora``, ``scale``, ``site``.
+    """
+
+    method = "lora"
+
+    def __init__(self, base_module: nnx.Module, rank: int, *, alpha: float = 16.0,
+                 use_rslora: bool = False, dropout: float = 0.0, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, a_init: Callable = _default_a_init,
+                 b_init: Callable = _zeros, rngs: nnx.Rngs, site: str | None = None):
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"LoRA rank for {_site_name(site)} must be a positive int, got {rank!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout for {_site_name(site)} must be in [0, 1), got {dropout}")
+        info = lora_target_info(base_module, site)
+        self.base_module = base_module
+        self.kind = info["kind"]
+        self.kernel_shape = info["kernel_shape"]
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scale = F.lora_scale(alpha, rank, use_rslora)
+        self.dtype = dtype
+        self.site = site
+        self.peft_lora_a = LoRAWeight(a_init(rngs.params(), (info["fan_in"], rank), param_dtype))
+        self.peft_lora_b = LoRAWeight(b_init(rngs.params(), (rank, info["fan_out"]), param_dtype))
+        self.dropout = nnx.data(nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None)
+
+    @property
+    def size(self) -> int:
+        return self.rank
+
+    def _x(self, x):
+        return self.dropout(x) if self.dropout is not None else x
+
+    def delta(self, x: jax.Array, **kwargs) -> jax.Array:
+        """The LoRA term alone for input ``x`` (what is added to the base output)."""
+        a, b, base = self.peft_lora_a[...], self.peft_lora_b[...], self.base_module
+        if self.kind == "linear":
+            return F.lora_delta(self._x(x), a, b, self.scale, dtype=self.dtype)
+        if self.kind == "general":
+            return F.lora_general_delta(self._x(x), a, b, self.scale, axis=base.axis,
+                                        out_shape=base.out_features, dtype=self.dtype)
+        if self.kind == "einsum":
+            einsum_str = kwargs.get("einsum_str") or base.einsum_str
+            return F.lora_einsum_delta(self._x(x), a, b, self.scale, einsum_str=einsum_str,
+                                       kernel_shape=self.kernel_shape, dtype=self.dtype)
+        if self.kind == "embed":
+            return F.lora_embed_delta(x, a, b, self.scale, dtype=self.dtype)
+        n = len(base.kernel_size)
+        bcast = lambda v: (v,) * n if isinstance(v, int) or v is None else tuple(v)  # noqa: E731
+        padding = base.padding
+        if not isinstance(padding, str):
+            from flax.nnx.nn.linear import canonicalize_padding
+            padding = canonicalize_padding(padding, n)
+        return F.lora_conv_delta(self._x(x), a, b, self.scale, kernel_size=base.kernel_size,
+                                 strides=bcast(base.strides or 1), padding=padding,
+                                 input_dilation=bcast(base.input_dilation or 1),
+                                 kernel_dilation=bcast(base.kernel_dilation or 1),
+                                 dtype=self.dtype)
+
+    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+        y = self.base_module(x, *args, **kwargs)
+        return y + self.delta(x, **kwargs).astype(y.dtype)
+
+    def attend(self, query: jax.Array, **kwargs) -> jax.Array:
+        """``Embed.attend`` with the adapted table (tied output projections)."""
+        if self.kind != "embed":
+            raise AttributeError(f"attend() exists only for an embedding LoRA, not {self.kind}")
+        y = self.base_module.attend(query, **kwargs)
+        return y + F.lora_attend_delta(query, self.peft_lora_a[...], self.peft_lora_b[...],
+                                       self.scale, dtype=self.dtype).astype(y.dtype)
+
+    def merged_kernel(self) -> jax.Array:
+        """The base kernel plus the folded LoRA update, in the kernel's dtype."""
+        kernel = getattr(self.base_module, "embedding" if self.kind == "embed" else "kernel")[...]
+        delta = F.lora_delta_kernel(self.peft_lora_a[...].astype(jnp.float32),
+                                    self.peft_lora_b[...].astype(jnp.float32), self.scale,
+                                    kernel.shape)
+        return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
+class Adapter(nnx.Module):
+    """Bottleneck adapter on a block's output: ``h + up(act(down(h)))`` with ``h = base(*args)``.
+
+    ``down: (width, bottleneck)`` (He-uniform) + bias, ``up: (bottleneck, width)`` + bias, both zero,
+    so the trainable count is ``2 * width * bottleneck + bottleneck + width`` and the wrapped block is
+    the identity at initialisation.
+
+    Placement: the adapter transforms the output of a *sub-layer* (attention or feed-forward
+    ``F(x)``) before the model's own residual add and norm. A plan with adapters on both the
+    attention and feed-forward blocks of a layer is Houlsby et al. (2019); on the feed-forward
+    block only, Pfeiffer et al. (2021). With ``base_module=None`` it is a standalone layer
+    ``h -> h + delta(h)``.
+    """
+
+    method = "adapter"
+
+    def __init__(self, base_module: nnx.Module | None, bottleneck: int, *, features: int,
+                 activation: str = "gelu", dtype: Any = None, param_dtype: Any = jnp.float32,
+                 down_init: Callable = _default_a_init, rngs: nnx.Rngs,
+                 site: str | None = None):
+        if not isinstance(bottleneck, int) or isinstance(bottleneck, bool) or bottleneck <= 0:
+            raise ValueError(f"adapter bottleneck for {_site_name(site)} must be a positive int, "
+                             f"got {bottleneck!r}")
+        if not isinstance(features, int) or features <= 0:
+            raise ValueError(f"adapter width for {_site_name(site)} must be a positive int, "
+                             f"got {features!r}")
+        F.activation_fn(activation)  # validate early
+        self.base_module = nnx.data(base_module)
+        self.bottleneck = bottleneck
+        self.features = features
+        self.activation = activation
+        self.dtype = dtype
+        self.site = site
+        self.peft_adapter_down = AdapterWeight(down_init(rngs.params(), (features, bottleneck),
+                                                         param_dtype))
+        self.peft_adapter_down_bias = AdapterWeight(jnp.zeros((bottleneck,), param_dtype))
+        self.peft_adapter_up = AdapterWeight(jnp.zeros((bottleneck, features), param_dtype))
+        self.peft_adapter_up_bias = AdapterWeight(jnp.zeros((features,), param_dtype))
+
+    @property
+    def size(self) -> int:
+        return self.bottleneck
+
+    def delta(self, h: jax.Array) -> jax.Array:
+        if not isinstance(h, jax.Array) and not hasattr(h, "shape"):
+            raise TypeError(f"adapter on {_site_name(self.site)} expects the block to return one "
+                            f"array, got {type(h).__name__}")
+        if h.shape[-1] != self.features:
+            raise ValueError(f"adapter on {_site_name(self.site)} was built for width "
+                             f"{self.features} but the block returned shape {h.shape}")
+        return F.adapter_delta(h, self.peft_adapter_down[...], self.peft_adapter_down_bias[...],
+                               self.peft_adapter_up[...], self.peft_adapter_up_bias[...],
+                               self.activation, dtype=self.dtype)
+
+    def __call__(self, *args, **kwargs) -> jax.Array:
+        h = args[0] if self.base_module is None else self.base_module(*args, **kwargs)
+        return h + self.delta(h).astype(h.dtype)
+
+
+_ATTN_KWARGS_WITHOUT_CAUSAL = object()
+
+
+class Prefix(nnx.Module):
+    """Learned prefix keys and values for a multi-head attention module.
+
+    An instance is an ``attention_fn``: assign it to ``nnx.MultiHeadAttention.attention_fn`` (what
+    :func:`layerlens_jax.peft.apply_plan` does) and it is called as
+    ``prefix(query, key, value, mask=..., is_causal=..., **kwargs)`` with ``query`` shaped
+    ``(batch..., length, heads, head_dim)``; it calls the module's previous ``attention_fn``
+    (``base_fn``) for the sequence part. See :func:`layerlens_jax.peft.functional.prefix_attention`
+    for the two modes (``"parallel"``: identity at init, the default; ``"joint"``: one softmax).
+
+    **Opt-in protocol for user attention modules**: a module can take a prefix when it has an
+    ``attention_fn`` attribute that it calls as above, and ``num_heads`` plus ``head_dim`` (or
+    ``qkv_features``) attributes (``num_kv_heads`` for grouped-query attention). Declare the module a
+    prefix site with ``__layerlens_kind__ = "attention"``.
+
+    Trainable count: ``2 * length * kv_heads * head_dim``; with ``reparam_hidden=h`` (the MLP of Li &
+    Liang, an explicit option) it is ``length*D + D*h + h + h*2D + 2D`` with ``D = kv_heads*head_dim``.
+    """
+
+    method = "prefix"
+
+    def __init__(self, length: int, num_heads: int, head_dim: int, *,
+                 base_fn: Callable[..., jax.Array] = nnx.dot_product_attention,
+                 mode: str = "parallel", reparam_hidden: int | None = None,
+                 key_init: Callable = nnx.initializers.normal(0.02),
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, site: str | None = None):
+        if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
+            raise ValueError(f"prefix length for {_site_name(site)} must be a positive int, "
+                             f"got {length!r}")
+        if mode not in ("parallel", "joint"):
+            raise ValueError(f"prefix mode for {_site_name(site)} must be 'parallel' or 'joint', "
+                             f"got {mode!r}")
+        if isinstance(base_fn, Prefix):
+            raise ValueError(f"{_site_name(site)} already has a prefix")
+        self.length, self.num_heads, self.head_dim = length, int(num_heads), int(head_dim)
+        self.base_fn = base_fn
+        self.mode = mode
+        self.reparam_hidden = reparam_hidden
+        self.site = site
+        shape = (length, self.num_heads, self.head_dim)
+        if reparam_hidden is None:
+            self.peft_prefix_key = PrefixWeight(key_init(rngs.params(), shape, param_dtype))
+            self.peft_prefix_value = PrefixWeight(jnp.zeros(shape, param_dtype))
+        else:
+            d, h = self.num_heads * self.head_dim, int(reparam_hidden)
+            init = nnx.initializers.lecun_normal()
+            self.peft_prefix_embed = PrefixWeight(key_init(rngs.params(), (length, d), param_dtype))
+            self.peft_prefix_mlp_w1 = PrefixWeight(init(rngs.params(), (d, h), param_dtype))
+            self.peft_prefix_mlp_b1 = PrefixWeight(jnp.zeros((h,), param_dtype))
+            w2_keys = init(rngs.params(), (h, d), param_dtype)  # value half zero: identity at init
+            self.peft_prefix_mlp_w2 = PrefixWeight(
+                jnp.concatenate([w2_keys, jnp.zeros((h, d), param_dtype)], axis=1))
+            self.peft_prefix_mlp_b2 = PrefixWeight(jnp.zeros((2 * d,), param_dtype))
+
+    @property
+    def size(self) -> int:
+        return self.length
+
+    def key_value(self) -> tuple[jax.Array, jax.Array]:
+        """The prefix keys and values, each ``(length, kv_heads, head_dim)``."""
+        if self.reparam_hidden is None:
+            return self.peft_prefix_key[...], self.peft_prefix_value[...]
+        return F.prefix_reparam(self.peft_prefix_embed[...], self.peft_prefix_mlp_w1[...],
+                                self.peft_prefix_mlp_b1[...], self.peft_prefix_mlp_w2[...],
+                                self.peft_prefix_mlp_b2[...], self.num_heads, self.head_dim)
+
+    def __call__(self, query, key, value, bias=None, mask=None, *,
+                 is_causal: Any = _ATTN_KWARGS_WITHOUT_CAUSAL, **kwargs):
+        pk, pv = self.key_value()
+        if bias is not None:
+            if self.mode == "joint":
+                raise ValueError(f"prefix on {_site_name(self.site)}: an attention bias is not "
+                                 f"supported in 'joint' mode")
+            kwargs["bias"] = bias
+        passed = is_causal is not _ATTN_KWARGS_WITHOUT_CAUSAL
+        return F.prefix_attention(query, key, value, pk, pv, base_fn=self.base_fn, mode=self.mode,
+                                  mask=mask, is_causal=bool(is_causal) if passed else False,
+                                  pass_is_causal=passed, base_kwargs=kwargs)
+
+
+def prefix_target_info(module: Any, site: str | None = None) -> dict[str, int]:
+    """``{"num_heads", "head_dim"}`` (key/value heads) for a prefix on ``module``; ``ValueError``
+    naming the site when the module does not follow the attention protocol."""
+    where = _site_name(site)
+    if not hasattr(module, "attention_fn"):
+        raise ValueError(f"prefix cannot attach to {where} of type {type(module).__name__}: it has "
+                         f"no `attention_fn` attribute (see the Prefix docstring for the protocol)")
+    if isinstance(module.attention_fn, Prefix):
+        raise ValueError(f"{where} already has a prefix")
+    nh = getattr(module, "num_kv_heads", None) or getattr(module, "num_heads", None)
+    hd = getattr(module, "head_dim", None)
+    if hd is None and getattr(module, "qkv_features", None) and getattr(module, "num_heads", None):
+        hd = module.qkv_features // module.num_heads
+    if not nh or not hd:
+        raise ValueError(f"prefix on {where}: cannot read num_heads / head_dim from "
+                         f"{type(module).__name__}")
+    return dict(num_heads=int(nh), head_dim=int(hd))
