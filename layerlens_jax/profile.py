@@ -42,6 +42,7 @@ naming the site and the batch index.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
@@ -55,7 +56,7 @@ from flax import struct
 
 from layerlens_jax.sites import Site, discover_sites, get_submodule, join_path, set_submodule
 
-__all__ = ["LayerStats", "profile", "sampled_label_loss", "per_example_sq_norms_reference"]
+__all__ = ["LayerStats", "ProfileStep", "profile", "sampled_label_loss"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -339,6 +340,54 @@ def _check_finite(batch_index, site_paths, values: Mapping[str, np.ndarray]):
                 f"(value {vec[bad[0]]}); {bad.size} site(s) affected")
 
 
+class ProfileStep:
+    """The compiled per-batch function of :func:`profile`, for custom loops and benchmarks.
+
+    ``step(batch, key=None)`` returns ``(grad_sum, fisher_sum, grad_sq, fisher_sum_sampled,
+    num_examples, num_tokens)``: the parameter-gradient pytree of the batch's summed loss, and per
+    site the summed per-example squared gradient norms, the squared norm of this batch's gradient
+    sum, the sampled-label counterpart (or None), and the counts. Compiles once per batch shape.
+    """
+
+    def __init__(self, model, loss_fn, first_batch, *, variables=None, sites=None,
+                 sample_loss_fn=None, example_mask_key="example_mask",
+                 token_mask_key="attention_mask"):
+        is_nnx = isinstance(model, nnx.Module)
+        if not is_nnx and not isinstance(model, nn.Module):
+            raise TypeError(f"profile expects an nnx.Module or a linen Module, "
+                            f"got {type(model).__name__}")
+        if not is_nnx and variables is None:
+            raise ValueError("profile of a Linen module needs its variables")
+        if sites is None:
+            example = None
+            if isinstance(first_batch, Mapping) and "input_ids" in first_batch:
+                example = {"args": (first_batch["input_ids"],),
+                           "kwargs": {k: first_batch[k] for k in ("attention_mask",)
+                                      if k in first_batch}}
+            sites = discover_sites(model, variables, example=example)
+        self.sites = tuple(sites)
+        if not self.sites:
+            raise ValueError("profile got an empty list of sites")
+        build = _build_nnx if is_nnx else _build_linen
+        forward_losses, unit_paths, param_paths, self._params, self._rest = build(
+            model, variables, list(self.sites))
+        self._step = _make_step(forward_losses, loss_fn, sample_loss_fn, unit_paths, param_paths,
+                                _infer_batch_size(first_batch), example_mask_key, token_mask_key)
+        self.site_unit, self.site_leaf = _membership(self.sites, unit_paths, param_paths)
+        self._site_unit = jnp.asarray(self.site_unit, jnp.float32)
+        self._site_leaf = jnp.asarray(self.site_leaf, jnp.float32)
+
+    def __call__(self, batch, key=None):
+        grads, _, _, fisher, gsq, fisher_s, ex, tok = self._step(
+            self._params, self._rest, batch, key, self._site_unit, self._site_leaf)
+        return grads, fisher, gsq, fisher_s, ex, tok
+
+    def lower(self, batch, key=None):
+        """``jax.jit(...).lower`` of the step, e.g. for ``.compile().memory_analysis()``."""
+        return self._step.lower(self._params, self._rest, batch, key, self._site_unit,
+                                self._site_leaf)
+
+
 def profile(
     model: Any,
     loss_fn: Callable[..., jax.Array],
@@ -370,36 +419,15 @@ def profile(
     """
     if sample_loss_fn is not None and rng is None:
         raise ValueError("sample_loss_fn needs rng (a jax PRNG key) to sample labels")
-    is_nnx = isinstance(model, nnx.Module)
-    if not is_nnx and not isinstance(model, nn.Module):
-        raise TypeError(f"profile expects an nnx.Module or a linen Module, got {type(model).__name__}")
-    if not is_nnx and variables is None:
-        raise ValueError("profile of a Linen module needs its variables")
-
     iterator = iter(batches)
     try:
         first = next(iterator)
     except StopIteration:
         raise ValueError("profile got no batches") from None
-
-    if sites is None:
-        example = None
-        if isinstance(first, Mapping) and "input_ids" in first:
-            example = {"args": (first["input_ids"],),
-                       "kwargs": {k: first[k] for k in ("attention_mask",) if k in first}}
-        sites = discover_sites(model, variables, example=example)
-    sites = list(sites)
-    if not sites:
-        raise ValueError("profile got an empty list of sites")
-
-    build = _build_nnx if is_nnx else _build_linen
-    forward_losses, unit_paths, param_paths, params, rest = build(model, variables, sites)
-    step = _make_step(forward_losses, loss_fn, sample_loss_fn, unit_paths, param_paths,
-                      _infer_batch_size(first), example_mask_key, token_mask_key)
-    site_unit_np, site_leaf_np = _membership(sites, unit_paths, param_paths)
-    site_unit = jnp.asarray(site_unit_np, jnp.float32)
-    site_leaf = jnp.asarray(site_leaf_np, jnp.float32)
-    paths = [s.path for s in sites]
+    step = ProfileStep(model, loss_fn, first, variables=variables, sites=sites,
+                       sample_loss_fn=sample_loss_fn, example_mask_key=example_mask_key,
+                       token_mask_key=token_mask_key)
+    sites, paths = step.sites, [s.path for s in step.sites]
 
     grad_acc = None
     fisher = np.zeros(len(sites), np.float64)
@@ -420,8 +448,7 @@ def profile(
         if max_batches is not None and b_idx >= max_batches:
             break
         key = None if rng is None else jax.random.fold_in(rng, b_idx)
-        out = step(params, rest, batch, key, site_unit, site_leaf)
-        batch_grads, unit_sq, unit_sq_s, site_fisher, site_gsq, site_fisher_s, ex, tok = out
+        batch_grads, site_fisher, site_gsq, site_fisher_s, ex, tok = step(batch, key)
         checks = {"fisher_trace": np.asarray(site_fisher), "gradient": np.asarray(site_gsq)}
         if site_fisher_s is not None:
             checks["fisher_trace_sampled"] = np.asarray(site_fisher_s)
@@ -436,7 +463,7 @@ def profile(
     if n_ex <= 0:
         raise ValueError("profile saw no examples (every example_mask was 0)")
     leaf_sq = np.asarray(_leaf_sq(grad_acc), np.float64)
-    grad_norm = np.sqrt(site_leaf_np @ leaf_sq) / n_ex
+    grad_norm = np.sqrt(step.site_leaf @ leaf_sq) / n_ex
     _check_finite(n_batches - 1, paths, {"grad_norm": grad_norm})
     return LayerStats(grad_norm=grad_norm, fisher_trace=fisher / n_ex,
                       fisher_trace_sampled=None if fisher_s is None else fisher_s / n_ex,
@@ -444,7 +471,7 @@ def profile(
                       num_batches=n_batches, sites=tuple(sites))
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
@@ -638,17 +665,3 @@ def sampled_label_loss(logits_fn: Callable[..., jax.Array], *, token_mask_key: s
         return nll
 
     return fn
-
-
-def per_example_sq_norms_reference(grad_fn: Callable[[Any, Any], Any], params: Any, batch: Any,
-                                   site_leaf_paths: Mapping[str, list[str]]) -> dict[str, np.ndarray]:
-    """Slow, obviously-correct reference: per-example gradients by ``vmap(grad)``.
-
-    ``grad_fn(params, example)`` returns the gradient pytree of one example's loss (the example has
-    a leading axis of 1). Returns per-site arrays of per-example squared norms.
-    """
-    per_ex = jax.vmap(lambda ex: grad_fn(params, jax.tree.map(lambda a: a[None], ex)))(batch)
-    flat = _flat(per_ex)
-    return {site: np.asarray(sum(jnp.sum(jnp.square(flat[p].reshape(flat[p].shape[0], -1)), axis=1)
-                                 for p in leaves))
-            for site, leaves in site_leaf_paths.items()}

@@ -230,3 +230,44 @@ def test_broadcast_batch_axis_is_rejected():
 
     with pytest.raises(ValueError, match="example axis"):
         profile(Pos(), lambda m, b: m(b)[:, :, 0].sum(1), [np.ones((3, 8, 4), np.float32)])
+
+
+class Scale(nnx.Module):
+    """A user module with its own parameter, registered as a 'norm' site below."""
+
+    def __init__(self, d):
+        self.gain = nnx.Param(jnp.linspace(0.5, 1.5, d))
+
+    def __call__(self, x):
+        return x * self.gain
+
+
+def test_conv_einsum_and_registered_user_module_use_the_local_vmap_rule():
+    from layerlens_jax.sites import register_site_kind
+
+    register_site_kind(Scale, "norm")
+
+    class Net(nnx.Module):
+        def __init__(self):
+            r = nnx.Rngs(2)
+            self.conv = nnx.Conv(3, 4, kernel_size=(3,), rngs=r)
+            self.scale = Scale(4)
+            self.mix = nnx.Einsum("btd,de->bte", (4, 2), (2,), rngs=r)
+
+        def __call__(self, x):
+            return self.mix(self.scale(jax.nn.relu(self.conv(x))))
+
+    model = Net()
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.normal(size=(4, 9, 3)).astype(np.float32),
+                "y": rng.normal(size=(4, 9, 2)).astype(np.float32),
+                "example_mask": np.ones((4,), np.float32)}]
+
+    def loss(m, b):
+        return jnp.sum((m(b["x"]) - b["y"]) ** 2, axis=(1, 2))
+
+    stats = profile(model, loss, batches)
+    assert {s.path: s.kind for s in stats.sites} == {"conv": "conv", "scale": "norm", "mix": "linear"}
+    gn, fi = reference_stats(nnx_per_example_grad(model, loss), batches, stats.sites)
+    np.testing.assert_allclose(stats.fisher_trace, fi, rtol=RTOL)
+    np.testing.assert_allclose(stats.grad_norm, gn, rtol=RTOL)
