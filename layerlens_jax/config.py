@@ -1,0 +1,254 @@
+"""Run configuration: TOML files in ``configs/``, validated strictly.
+
+Every section and key is declared below with its type and default. Unknown sections or keys, wrong
+types and out-of-range values raise :class:`ConfigError` naming the key (``train.learning_rate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "VARIANTS"]
+
+# The variants a run can train and compare (one name each in code, JSON and CLI):
+VARIANTS = ("uniform_lora", "layerlens_lora", "layerlens_mixed", "head_only", "full")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSection:
+    name: str = "default"
+    output_dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    source: str = "pretrained"  # "pretrained" (MiniLM-L6 from its PyPI package) | "random"
+    size: str = "minilm_l6"  # for source="random": "tiny" | "minilm_l6"
+    max_length: int = 32
+    pooling: str = "mean"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    task: str = "trec6"
+    max_examples: int = 0  # 0: the whole data set; else a seeded stratified subsample
+    split_seed: int = 0
+    batch_size: int = 32
+    eval_batch_size: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileSection:
+    batches: int = 8
+    sampled_fisher: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class UtilitySection:
+    fisher_weight: float = 0.75
+    grad_weight: float = 0.25
+    transform: str = "linear"
+    per_param: bool = False
+    source: str = "empirical"
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetSection:
+    # The trainable-parameter budget is that of uniform LoRA of `reference_rank` on the
+    # `reference_targets` linear sites of every layer (names matched against the last path part),
+    # times `scale` (e.g. 0.5 for the smaller budget). Other budgets are optional caps.
+    reference_rank: int = 8
+    reference_targets: tuple[str, ...] = ("query", "value")
+    scale: float = 1.0
+    train_flops: float = math.inf
+    infer_flops: float = math.inf
+    vram_bytes: float = math.inf
+    latency: float = math.inf
+    utilisation: tuple[float, ...] = ()  # e.g. [0.80, 0.88]; empty: fill the binding budget
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocateSection:
+    lora_ranks: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16, 24, 32)
+    adapter_sizes: tuple[int, ...] = (4, 8, 16, 32, 64)
+    prefix_lengths: tuple[int, ...] = (2, 4, 8, 16)
+    lora_alpha: float = 16.0
+    use_rslora: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    # The task head (fresh pooler + classifier) trains in every variant and is never allocated.
+    head: tuple[str, ...] = ("pooler", "classifier")
+    steps: int = 200
+    learning_rate: float = 1e-3
+    full_learning_rate: float = 5e-5  # for the full fine-tuning reference
+    head_learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    eval_every: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareSection:
+    variants: tuple[str, ...] = ("uniform_lora", "layerlens_lora", "layerlens_mixed")
+    seeds: tuple[int, ...] = (0,)
+    main: str = "layerlens_mixed"  # the plan written as plan.json and checkpointed
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    profile: ProfileSection = ProfileSection()
+    utility: UtilitySection = UtilitySection()
+    budget: BudgetSection = BudgetSection()
+    allocate: AllocateSection = AllocateSection()
+    train: TrainSection = TrainSection()
+    compare: CompareSection = CompareSection()
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(v):
+            if isinstance(v, float) and math.isinf(v):
+                return "inf"
+            if isinstance(v, tuple):
+                return [clean(x) for x in v]
+            return v
+        return {sec.name: {k: clean(v) for k, v in dataclasses.asdict(getattr(self, sec.name)).items()}
+                for sec in dataclasses.fields(self)}
+
+
+_CHOICES = {
+    "model.source": ("pretrained", "random"),
+    "model.size": ("tiny", "minilm_l6"),
+    "model.pooling": ("mean", "cls"),
+    "data.task": ("trec6", "movie_sentiment"),
+    "utility.transform": ("linear", "sqrt"),
+    "utility.source": ("empirical", "sampled"),
+}
+_POSITIVE = {"model.max_length", "data.batch_size", "data.eval_batch_size", "profile.batches",
+             "budget.reference_rank", "budget.scale", "train.steps", "train.learning_rate",
+             "train.full_learning_rate", "train.head_learning_rate", "train.eval_every",
+             "budget.train_flops", "budget.infer_flops", "budget.vram_bytes", "budget.latency"}
+_NON_NEGATIVE = {"data.max_examples", "train.weight_decay", "train.warmup_steps",
+                 "utility.fisher_weight", "utility.grad_weight"}
+
+
+def _coerce(value: Any, annot: Any, key: str) -> Any:
+    origin = typing.get_origin(annot)
+    if origin is tuple:
+        (item, _ellipsis) = typing.get_args(annot)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if annot is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annot is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annot is float:
+        if value == "inf":
+            return math.inf
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annot is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {annot!r} for {key}")  # a bug in this module
+
+
+def _section(cls, values: Any, name: str):
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"[{name}] must be a table, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+                          f"[{name}] accepts {', '.join(sorted(known))}")
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{name}.{k}"
+        v = _coerce(v, hints[k], key)
+        if key in _CHOICES and v not in _CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {_CHOICES[key]}, got {v!r}")
+        if key in _POSITIVE and not v > 0:
+            raise ConfigError(f"{key} must be > 0, got {v!r}")
+        if key in _NON_NEGATIVE and not v >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {v!r}")
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def config_from_dict(d: Mapping[str, Any]) -> RunConfig:
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(RunConfig)
+    cfg = RunConfig(**{k: _section(hints[k], v, k) for k, v in d.items()})
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: RunConfig) -> None:
+    for v in cfg.compare.variants:
+        if v not in VARIANTS:
+            raise ConfigError(f"compare.variants: unknown variant {v!r}; known: {VARIANTS}")
+    if not cfg.compare.variants:
+        raise ConfigError("compare.variants must name at least one variant")
+    if len(set(cfg.compare.variants)) != len(cfg.compare.variants):
+        raise ConfigError(f"compare.variants has duplicates: {cfg.compare.variants}")
+    if cfg.compare.main not in ("uniform_lora", "layerlens_lora", "layerlens_mixed"):
+        raise ConfigError(f"compare.main must be a plan variant (uniform_lora, layerlens_lora, "
+                          f"layerlens_mixed), got {cfg.compare.main!r}")
+    if not cfg.compare.seeds:
+        raise ConfigError("compare.seeds must list at least one seed")
+    u = cfg.budget.utilisation
+    if u and not (len(u) == 2 and 0 < u[0] <= u[1] <= 1):
+        raise ConfigError(f"budget.utilisation must be [low, high] with 0 < low <= high <= 1, "
+                          f"got {list(u)}")
+    for key in ("lora_ranks", "adapter_sizes", "prefix_lengths"):
+        sizes = getattr(cfg.allocate, key)
+        if not sizes or any(s <= 0 for s in sizes):
+            raise ConfigError(f"allocate.{key} must be a non-empty list of positive integers, "
+                              f"got {list(sizes)}")
+    if cfg.utility.fisher_weight + cfg.utility.grad_weight <= 0:
+        raise ConfigError("utility.fisher_weight + utility.grad_weight must be > 0")
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a TOML config; ``overrides`` maps ``"section.key"`` to a value (from the CLI)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        d = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if not key:
+            raise ConfigError(f"override {dotted!r} must look like section.key=value")
+        d.setdefault(section, {})[key] = value
+    try:
+        return config_from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+

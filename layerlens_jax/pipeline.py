@@ -1,0 +1,403 @@
+"""The end-to-end job: profile → utility → plans → train → evaluate → report, on real data.
+
+Every stage is a function of the :class:`~layerlens_jax.config.RunConfig` and the files that the
+previous stages wrote to the run directory, so the CLI can run them one at a time or all in order:
+
+====================  ==========================================================================
+``stats.json``        per-site statistics and the utility (``profile``)
+``plans/*.json``      one plan per plan variant; ``plan.json`` the main one; ``adapter_config.json``
+                      its HF PEFT export (``plan``)
+``results.json``      per variant and seed: accuracy, trainable parameters, time, memory, curves
+                      (``train``); ``checkpoint/`` the main plan's adapters + head, seed 0
+``evaluation.json``   the main checkpoint re-evaluated from disk (``evaluate``)
+``report.md``, PNGs   the report (``report``)
+====================  ==========================================================================
+
+Variants (one name each everywhere): ``uniform_lora`` (LoRA of the reference rank on the
+reference targets of every layer: the baseline whose parameter count sets the budget),
+``layerlens_lora`` (a LoRA-only plan from the utility), ``layerlens_mixed`` (LoRA / Adapter /
+Prefix / none), ``head_only`` (only the task head trains) and ``full`` (full fine-tuning). The
+task head (fresh pooler + classifier) trains in every variant and is never allocated. Every
+variant of a seed sees the same data order, the same head initialisation and the same optimizer
+settings; the test split is read only to report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from layerlens_jax.config import RunConfig
+from layerlens_jax.models import BertClassifier, BertConfig
+from layerlens_jax.profile import LayerStats, profile, sampled_label_loss
+from layerlens_jax.sites import Site, discover_sites
+from layerlens_jax.utility import UtilityConfig, utility, utility_report
+
+__all__ = ["Prepared", "prepare", "classification_loss", "run_profile", "make_plans",
+           "train_variant", "evaluate_accuracy", "write_json", "read_json", "PLAN_VARIANTS"]
+
+PLAN_VARIANTS = ("uniform_lora", "layerlens_lora", "layerlens_mixed")
+
+
+# ----------------------------------------------------------------------------------- files
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (temp file in the same directory, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `layerlens {what}` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); rerun `layerlens {what}`") from None
+
+
+# ------------------------------------------------------------------------------- preparation
+
+
+@dataclasses.dataclass
+class Prepared:
+    cfg: RunConfig
+    label_names: tuple[str, ...]
+    arrays: dict[str, dict[str, np.ndarray]]  # split -> encoded arrays
+    model_config: BertConfig
+    build_model: Callable[[int], BertClassifier]  # head seed -> fresh model (pretrained encoder)
+    sizes: dict[str, int]
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.run.output_dir)
+
+    def example(self) -> dict[str, Any]:
+        b = {k: v[:2] for k, v in self.arrays["train"].items()}
+        return {"args": (b["input_ids"],), "kwargs": {"attention_mask": b["attention_mask"]}}
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Load the task and tokenise every split once; a builder for the model."""
+    from layerlens_jax.data import encode_split, load_task
+    from layerlens_jax.pretrained import load_pretrained_bert, load_tokenizer
+
+    task = load_task(cfg.data.task, seed=cfg.data.split_seed,
+                     max_examples=cfg.data.max_examples or None)
+    num_labels = len(task.label_names)
+    if cfg.model.source == "pretrained":
+        tok = load_tokenizer(max_length=cfg.model.max_length)
+
+        def build(seed: int) -> BertClassifier:
+            return load_pretrained_bert(num_labels=num_labels, seed=seed,
+                                        pooling=cfg.model.pooling)
+    else:
+        tok = load_tokenizer(max_length=cfg.model.max_length)
+        base = BertConfig.tiny() if cfg.model.size == "tiny" else BertConfig.minilm_l6()
+        mcfg = dataclasses.replace(base, vocab_size=tok.get_vocab_size(), num_labels=num_labels,
+                                   pooling=cfg.model.pooling,
+                                   max_position=max(base.max_position, cfg.model.max_length))
+
+        def build(seed: int) -> BertClassifier:
+            return BertClassifier(mcfg, rngs=nnx.Rngs(seed))
+    arrays = {split: encode_split(task[split], tok, cfg.model.max_length)
+              for split in ("train", "validation", "test")}
+    model_config = build(0).config
+    return Prepared(cfg, tuple(task.label_names), arrays, model_config, build,
+                    {s: len(a["labels"]) for s, a in arrays.items()})
+
+
+def classification_loss(model, batch) -> jax.Array:
+    """Per-example cross-entropy (B,)."""
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+
+
+def _mean_loss(model, batch):
+    w = batch["example_mask"]
+    return jnp.sum(classification_loss(model, batch) * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _logits(model, batch):
+    return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+
+
+# -------------------------------------------------------------------------------- profile
+
+
+def run_profile(prep: Prepared, *, progress: bool = True) -> tuple[LayerStats, np.ndarray, Any]:
+    """Profile the adaptable sites (the head excluded) on training batches."""
+    from layerlens_jax.data import iterate_batches
+
+    cfg = prep.cfg
+    model = prep.build_model(cfg.run.seed)
+    sites = adaptable_sites(model, prep)
+    batches = iterate_batches(prep.arrays["train"], cfg.data.batch_size, seed=cfg.run.seed,
+                              epoch=10_000)  # an order of its own, not a training epoch's
+    kwargs = {}
+    if cfg.profile.sampled_fisher:
+        kwargs = {"sample_loss_fn": sampled_label_loss(_logits),
+                  "rng": jax.random.key(cfg.run.seed)}
+    stats = profile(model, classification_loss, batches, sites=sites,
+                    max_batches=cfg.profile.batches, progress=progress, **kwargs)
+    ucfg = UtilityConfig(**dataclasses.asdict(cfg.utility))
+    u = utility(stats, ucfg)
+    return stats, u, utility_report(stats, u)
+
+
+def _is_head(path: str, head: tuple[str, ...]) -> bool:
+    return any(path == h or path.startswith(h + "/") for h in head)
+
+
+def adaptable_sites(model, prep: Prepared) -> list[Site]:
+    head = prep.cfg.train.head
+    return [s for s in discover_sites(model, example=prep.example()) if not _is_head(s.path, head)]
+
+
+def stats_to_json(stats: LayerStats, u: np.ndarray, report) -> dict[str, Any]:
+    d = stats.to_dict()
+    for row, ui in zip(d["sites"], u):
+        row["utility"] = float(ui)
+    d["utility_report"] = report.to_dict()
+    d["sites_meta"] = [s.to_dict() for s in stats.sites]
+    return d
+
+
+def sites_from_json(d: dict[str, Any]) -> tuple[list[Site], np.ndarray]:
+    sites = []
+    for m in d["sites_meta"]:
+        m = dict(m)
+        m["param_shapes"] = {k: tuple(v) for k, v in m["param_shapes"].items()}
+        sites.append(Site(**m))
+    return sites, np.array([row["utility"] for row in d["sites"]], np.float64)
+
+
+# ---------------------------------------------------------------------------------- plans
+
+
+def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray) -> dict[str, Any]:
+    """The three plan variants at the same trainable-parameter budget."""
+    from layerlens_jax.allocate import allocate
+    from layerlens_jax.costs import Catalogue
+    from layerlens_jax.plan import Plan, uniform_assignments
+
+    b, a = cfg.budget, cfg.allocate
+    peft_options = {"lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora}
+    uniform = Plan.from_assignments(
+        sites, uniform_assignments(sites, "lora", b.reference_rank, b.reference_targets), u,
+        peft_options=peft_options, metadata={"variant": "uniform_lora"})
+    params_budget = uniform.use["params"] * b.scale
+    budgets = {"params": params_budget}
+    for r in ("train_flops", "infer_flops", "vram_bytes", "latency"):
+        if math.isfinite(getattr(b, r)):
+            budgets[r] = getattr(b, r)
+    if b.scale != 1.0:  # the uniform baseline at a smaller budget: the same targets, rank scaled
+        rank = max(1, int(round(b.reference_rank * b.scale)))
+        uniform = Plan.from_assignments(
+            sites, uniform_assignments(sites, "lora", rank, b.reference_targets), u,
+            peft_options=peft_options, metadata={"variant": "uniform_lora"})
+    utilisation = tuple(b.utilisation) if b.utilisation else None
+    lora_only = Catalogue.from_sizes(lora=a.lora_ranks)
+    mixed = Catalogue.from_sizes(lora=a.lora_ranks, adapter=a.adapter_sizes,
+                                 prefix=a.prefix_lengths)
+    plans = {"uniform_lora": uniform}
+    plans["layerlens_lora"] = allocate(sites, u, budgets, catalogue=lora_only,
+                                       utilisation=utilisation, peft_options=peft_options)
+    plans["layerlens_mixed"] = allocate(sites, u, budgets, catalogue=mixed,
+                                        utilisation=utilisation, peft_options=peft_options)
+    return plans
+
+
+# -------------------------------------------------------------------------------- training
+
+
+def _head_filter(head: tuple[str, ...]):
+    def pred(path, value):
+        return isinstance(value, nnx.Param) and bool(path) and str(path[0]) in head
+    return pred
+
+
+def build_variant(prep: Prepared, variant: str, plan, seed: int):
+    """(model, trainable filter) for a variant; the base encoder and head come from ``seed``."""
+    from layerlens_jax.peft import PEFT_FILTER, apply_plan
+
+    base = prep.build_model(seed)
+    head = _head_filter(prep.cfg.train.head)
+    if variant == "full":
+        return base, nnx.Param
+    if variant == "head_only":
+        return base, head
+    model = apply_plan(base, plan, inplace=True, example=prep.example())
+    return model, nnx.Any(PEFT_FILTER, head)
+
+
+def count_params(model, wrt) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt))))
+
+
+def _schedule(cfg: RunConfig, lr: float):
+    t = cfg.train
+    warm = min(t.warmup_steps, max(t.steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(t.steps, warm + 1), lr * 0.1) \
+        if warm else optax.cosine_decay_schedule(lr, t.steps, 0.1)
+
+
+def _lr(cfg: RunConfig, variant: str) -> float:
+    return {"full": cfg.train.full_learning_rate,
+            "head_only": cfg.train.head_learning_rate}.get(variant, cfg.train.learning_rate)
+
+
+@jax.jit
+def _correct(logits, labels, w):
+    pred = jnp.argmax(logits, -1)
+    return jnp.sum((pred == labels) * w), jnp.sum(
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels) * w), jnp.sum(w)
+
+
+def evaluate_accuracy(model, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, float]:
+    """Accuracy and mean loss over a split (padding examples excluded)."""
+    from layerlens_jax.data import iterate_batches
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def logits(state, batch):
+        return _logits(nnx.merge(graphdef, state), batch)
+
+    hit = loss = n = 0.0
+    for batch in iterate_batches(arrays, batch_size, shuffle=False):
+        c, l, w = _correct(logits(state, batch), batch["labels"], batch["example_mask"])
+        hit, loss, n = hit + float(c), loss + float(l), n + float(w)
+    return {"accuracy": hit / n, "loss": loss / n, "examples": int(n)}
+
+
+def _xla_bytes(jitted, *args) -> float | None:
+    try:
+        m = jitted.lower(*args).compile().memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+    if m is None:
+        return None
+    return float(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+
+
+def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bool = True,
+                  keep_model: bool = False) -> dict[str, Any]:
+    """Train one variant with one seed; returns its figures (and the model if ``keep_model``)."""
+    from layerlens_jax.data import iterate_batches, num_batches
+    from layerlens_jax.train import make_functional_train_step, write_back
+
+    cfg = prep.cfg
+    model, wrt = build_variant(prep, variant, plan, seed)
+    trainable = count_params(model, wrt)
+    tx = optax.adamw(_schedule(cfg, _lr(cfg, variant)), weight_decay=cfg.train.weight_decay)
+    step, state = make_functional_train_step(model, tx, _mean_loss, wrt=wrt)
+    per_epoch = num_batches(prep.sizes["train"], cfg.data.batch_size, drop_remainder=True)
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from iterate_batches(prep.arrays["train"], cfg.data.batch_size, seed=seed,
+                                       epoch=epoch, drop_remainder=True)
+            epoch += 1
+
+    it = batches()
+    first = next(it)
+    memory = _xla_bytes(step.jitted, state.trainable, state.opt_state, state.other, state.step,
+                        state.frozen, first)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.train.steps, desc=f"train {variant} seed {seed}", unit="step",
+                   leave=False)
+    curve, losses = [], []
+    t0 = time.perf_counter()
+    batch = first
+    for i in range(cfg.train.steps):
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+        if i == 0:  # time the steps after the first (compiling) one
+            jax.block_until_ready(metrics["loss"])
+            t0 = time.perf_counter()
+        if (i + 1) % cfg.train.eval_every == 0 or i + 1 == cfg.train.steps:
+            recent = float(np.mean(jax.device_get(losses[-cfg.train.eval_every:])))
+            write_back(model, state)
+            val = evaluate_accuracy(model, prep.arrays["validation"], cfg.data.eval_batch_size)
+            curve.append({"step": i + 1, "train_loss": recent, "val_loss": val["loss"],
+                          "val_accuracy": val["accuracy"]})
+            if not math.isfinite(recent):
+                raise FloatingPointError(f"training {variant} (seed {seed}) diverged at step "
+                                         f"{i + 1}: loss {recent}")
+        if bar is not None:
+            bar.update(1)
+        batch = next(it)
+    jax.block_until_ready(state.trainable)
+    seconds = (time.perf_counter() - t0) * cfg.train.steps / max(cfg.train.steps - 1, 1)
+    if bar is not None:
+        bar.close()
+    write_back(model, state)
+    test = evaluate_accuracy(model, prep.arrays["test"], cfg.data.eval_batch_size)
+    out = {"variant": variant, "seed": seed, "trainable_params": trainable,
+           "adapter_params": None if plan is None else int(round(plan.use["params"])),
+           "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+           "val_accuracy": curve[-1]["val_accuracy"], "val_loss": curve[-1]["val_loss"],
+           "train_seconds": seconds, "steps": cfg.train.steps,
+           "epochs": cfg.train.steps / max(per_epoch, 1), "step_memory_bytes": memory,
+           "curve": curve}
+    if keep_model:
+        out["model"] = model
+    return out
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per variant (population std over the seeds run)."""
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        rs = [r for r in results if r["variant"] == variant]
+        acc = np.array([r["test_accuracy"] for r in rs]) * 100
+        val = np.array([r["val_accuracy"] for r in rs]) * 100
+        rows.append({"variant": variant, "seeds": [r["seed"] for r in rs],
+                     "test_accuracy_mean": float(acc.mean()), "test_accuracy_std": float(acc.std()),
+                     "val_accuracy_mean": float(val.mean()), "val_accuracy_std": float(val.std()),
+                     "trainable_params": rs[0]["trainable_params"],
+                     "adapter_params": rs[0]["adapter_params"],
+                     "train_seconds_mean": float(np.mean([r["train_seconds"] for r in rs])),
+                     "step_memory_bytes": rs[0]["step_memory_bytes"]})
+    return rows
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| variant | test acc. % (mean ± std) | val acc. % | adapter params | trainable "
+             "params (incl. head) | train s | step memory MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mem = "n/a" if r["step_memory_bytes"] is None else f"{r['step_memory_bytes'] / 2**20:.0f}"
+        ap = "—" if r["adapter_params"] is None else f"{r['adapter_params']:,}"
+        lines.append(f"| {r['variant']} | {r['test_accuracy_mean']:.2f} ± {r['test_accuracy_std']:.2f}"
+                     f" | {r['val_accuracy_mean']:.2f} ± {r['val_accuracy_std']:.2f} | {ap} | "
+                     f"{r['trainable_params']:,} | {r['train_seconds_mean']:.1f} | {mem} |")
+    return "\n".join(lines)
