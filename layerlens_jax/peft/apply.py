@@ -129,9 +129,14 @@ def normalize_plan(plan: Any, **options) -> tuple[dict[str, tuple[str, int]], Pe
     return out, PeftOptions(**opts)
 
 
+@jax.jit
+def _site_keys(seed, salt):
+    return jax.random.split(jax.random.fold_in(jax.random.key(seed), salt))
+
+
 def _site_rngs(seed: int, site: str) -> nnx.Rngs:
-    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(site.encode()) & 0x7FFFFFFF)
-    k1, k2 = jax.random.split(key)
+    """Per-site keys from (seed, path): a site's init does not depend on the rest of the plan."""
+    k1, k2 = _site_keys(jnp.uint32(seed), jnp.uint32(zlib.crc32(site.encode()) & 0x7FFFFFFF))
     return nnx.Rngs(params=k1, dropout=k2)
 
 

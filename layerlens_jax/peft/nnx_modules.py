@@ -13,6 +13,7 @@ dispatch.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -62,7 +63,22 @@ PEFT_FILTER = PeftParam
 BASE_FILTER = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 _default_a_init = nnx.initializers.he_uniform()
+_prefix_key_init = nnx.initializers.normal(0.02)
 _zeros = nnx.initializers.zeros
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_init(init: Callable) -> Callable:
+    return jax.jit(init, static_argnums=(1, 2))
+
+
+def _init(init: Callable, key: jax.Array, shape, dtype) -> jax.Array:
+    """``init(key, shape, dtype)`` as one compiled computation (eager initialisers otherwise
+    compile each of their primitives separately for every new shape)."""
+    try:
+        return _jitted_init(init)(key, tuple(int(d) for d in shape), jnp.dtype(dtype))
+    except TypeError:  # an unhashable initialiser
+        return init(key, shape, dtype)
 
 
 def _site_name(site):
@@ -144,8 +160,10 @@ class LoRA(nnx.Module):
         self.scale = F.lora_scale(alpha, rank, use_rslora)
         self.dtype = dtype
         self.site = site
-        self.peft_lora_a = LoRAWeight(a_init(rngs.params(), (info["fan_in"], rank), param_dtype))
-        self.peft_lora_b = LoRAWeight(b_init(rngs.params(), (rank, info["fan_out"]), param_dtype))
+        self.peft_lora_a = LoRAWeight(_init(a_init, rngs.params(), (info["fan_in"], rank),
+                                             param_dtype))
+        self.peft_lora_b = LoRAWeight(_init(b_init, rngs.params(), (rank, info["fan_out"]),
+                                             param_dtype))
         self.dropout = nnx.data(nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None)
 
     @property
@@ -235,8 +253,8 @@ class Adapter(nnx.Module):
         self.activation = activation
         self.dtype = dtype
         self.site = site
-        self.peft_adapter_down = AdapterWeight(down_init(rngs.params(), (features, bottleneck),
-                                                         param_dtype))
+        self.peft_adapter_down = AdapterWeight(_init(down_init, rngs.params(),
+                                                     (features, bottleneck), param_dtype))
         self.peft_adapter_down_bias = AdapterWeight(jnp.zeros((bottleneck,), param_dtype))
         self.peft_adapter_up = AdapterWeight(jnp.zeros((bottleneck, features), param_dtype))
         self.peft_adapter_up_bias = AdapterWeight(jnp.zeros((features,), param_dtype))
@@ -288,7 +306,7 @@ class Prefix(nnx.Module):
     def __init__(self, length: int, num_heads: int, head_dim: int, *,
                  base_fn: Callable[..., jax.Array] = nnx.dot_product_attention,
                  mode: str = "parallel", reparam_hidden: int | None = None,
-                 key_init: Callable = nnx.initializers.normal(0.02),
+                 key_init: Callable = _prefix_key_init,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs, site: str | None = None):
         if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
             raise ValueError(f"prefix length for {_site_name(site)} must be a positive int, "
@@ -305,15 +323,16 @@ class Prefix(nnx.Module):
         self.site = site
         shape = (length, self.num_heads, self.head_dim)
         if reparam_hidden is None:
-            self.peft_prefix_key = PrefixWeight(key_init(rngs.params(), shape, param_dtype))
+            self.peft_prefix_key = PrefixWeight(_init(key_init, rngs.params(), shape, param_dtype))
             self.peft_prefix_value = PrefixWeight(jnp.zeros(shape, param_dtype))
         else:
             d, h = self.num_heads * self.head_dim, int(reparam_hidden)
             init = nnx.initializers.lecun_normal()
-            self.peft_prefix_embed = PrefixWeight(key_init(rngs.params(), (length, d), param_dtype))
-            self.peft_prefix_mlp_w1 = PrefixWeight(init(rngs.params(), (d, h), param_dtype))
+            self.peft_prefix_embed = PrefixWeight(_init(key_init, rngs.params(), (length, d),
+                                                      param_dtype))
+            self.peft_prefix_mlp_w1 = PrefixWeight(_init(init, rngs.params(), (d, h), param_dtype))
             self.peft_prefix_mlp_b1 = PrefixWeight(jnp.zeros((h,), param_dtype))
-            w2_keys = init(rngs.params(), (h, d), param_dtype)  # value half zero: identity at init
+            w2_keys = _init(init, rngs.params(), (h, d), param_dtype)  # value half zero: identity at init
             self.peft_prefix_mlp_w2 = PrefixWeight(
                 jnp.concatenate([w2_keys, jnp.zeros((h, d), param_dtype)], axis=1))
             self.peft_prefix_mlp_b2 = PrefixWeight(jnp.zeros((2 * d,), param_dtype))

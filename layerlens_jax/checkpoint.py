@@ -1,0 +1,225 @@
+"""Checkpoints of adapter state + plan (orbax-checkpoint), for NNX models and Linen wrappers.
+
+A checkpoint is an orbax composite directory with two items:
+
+* ``adapters``: the canonical adapter state ``{site: {leaf: array}}`` (nested by path parts), the
+  same for an NNX model and its Linen twin, so a checkpoint saved from one restores into the other;
+* ``meta``: JSON with the format name and version, the plan (``{site: [method, size]}``), the PEFT
+  options that change the maths (``lora_alpha``, ``use_rslora``, ...), for every leaf its shape,
+  dtype and SHA-256, the full plan JSON when a Plan object was given, and user metadata.
+
+Saving is atomic (orbax writes a temporary directory and renames it when complete; an existing
+checkpoint is replaced only with ``overwrite=True``). Restoring validates *everything* (format,
+plan, options, shapes, dtypes, readable arrays, checksums) before writing a single value into the
+model: any mismatch or damage raises :class:`CheckpointError` (a ``ValueError``) naming what is
+wrong and leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from layerlens_jax.peft.apply import (_flatten, _unflatten, adapter_state, applied_plan,
+                                      load_adapter_state)
+from layerlens_jax.peft.nnx_modules import Adapter, LoRA, Prefix
+
+__all__ = ["CheckpointError", "save_adapters", "restore_adapters", "read_checkpoint_metadata",
+           "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "layerlens-jax/adapters"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be restored into this model (mismatch, truncation, corruption)."""
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # imported lazily: slow import, only needed here
+    return ocp
+
+
+def _model_options(model: Any) -> dict[str, Any]:
+    """The options that change the adapter maths, for the methods the model actually uses."""
+    out: dict[str, Any] = {}
+    if isinstance(model, nn.Module):
+        methods = {m for _, m, _ in model.assignments}
+        o = model.options
+        if "lora" in methods:
+            out.update(lora_alpha=float(o.lora_alpha), use_rslora=bool(o.use_rslora))
+        if "adapter" in methods:
+            out.update(adapter_activation=o.adapter_activation)
+        if "prefix" in methods:
+            out.update(prefix_mode=o.prefix_mode, prefix_reparam_hidden=o.prefix_reparam_hidden)
+        return out
+    from flax import nnx
+    per_site: dict[str, dict[str, Any]] = {}
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, LoRA):
+            per_site[m.site] = dict(lora_alpha=m.alpha, use_rslora=m.use_rslora)
+        elif isinstance(m, Adapter):
+            per_site[m.site] = dict(adapter_activation=m.activation)
+        elif isinstance(m, Prefix):
+            per_site[m.site] = dict(prefix_mode=m.mode, prefix_reparam_hidden=m.reparam_hidden)
+    for site in sorted(per_site):
+        for k, v in per_site[site].items():
+            if k in out and out[k] != v:
+                raise CheckpointError(f"sites disagree on option {k!r} ({out[k]!r} vs {v!r} at "
+                                      f"{site!r}); one checkpoint records one value per option")
+            out[k] = v
+    return out
+
+
+def _digest(x: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+
+def _plan_json(plan: Any) -> Any:
+    if plan is None:
+        return None
+    for attr in ("to_json", "to_dict"):
+        fn = getattr(plan, attr, None)
+        if callable(fn):
+            out = fn()
+            return json.loads(out) if isinstance(out, str) else out
+    if isinstance(plan, Mapping):
+        return {str(k): list(v) if isinstance(v, tuple) else v for k, v in plan.items()}
+    raise TypeError(f"cannot serialise plan of type {type(plan).__name__}")
+
+
+def save_adapters(directory: str | os.PathLike, model: Any, variables: Mapping | None = None, *,
+                  plan: Any = None, overwrite: bool = False,
+                  metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save the adapter state of ``model`` (NNX) or ``(model, variables)`` (Linen ``PeftLinen``).
+
+    ``plan``: optionally the Plan object (its JSON is stored alongside). Returns the path.
+    """
+    path = Path(directory).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    state = adapter_state(model, variables)
+    if not state:
+        raise ValueError("the model carries no adapters (apply_plan first)")
+    host = {site: {leaf: np.asarray(jax.device_get(v)) for leaf, v in leaves.items()}
+            for site, leaves in state.items()}
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "assignments": {s: [m, int(z)] for s, (m, z) in sorted(applied_plan(model).items())},
+        "options": _model_options(model),
+        "leaves": {site: {leaf: {"shape": list(a.shape), "dtype": a.dtype.name,
+                                 "sha256": _digest(a)} for leaf, a in leaves.items()}
+                   for site, leaves in host.items()},
+        "plan": _plan_json(plan),
+        "metadata": dict(metadata or {}),
+    }
+    tree = _unflatten({tuple(site.split("/")) + (leaf,): a
+                       for site, leaves in host.items() for leaf, a in leaves.items()})
+    ocp = _ocp()
+    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    ckptr.save(path, args=ocp.args.Composite(adapters=ocp.args.StandardSave(tree),
+                                             meta=ocp.args.JsonSave(meta)), force=overwrite)
+    return path
+
+
+def read_checkpoint_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta`` JSON of a checkpoint (plan, options, leaf shapes); :class:`CheckpointError` when
+    it is missing, unreadable or not a layerlens adapter checkpoint."""
+    path = Path(directory).absolute()
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}")
+    meta_file = path / "meta" / "metadata"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has no readable metadata ({meta_file}): it is "
+                              f"truncated, corrupted or not a layerlens adapter checkpoint "
+                              f"({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a layerlens adapter checkpoint (format "
+                              f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')!r}; this "
+                              f"code reads version {FORMAT_VERSION}")
+    for key in ("assignments", "options", "leaves"):
+        if not isinstance(meta.get(key), dict):
+            raise CheckpointError(f"checkpoint {path} metadata lacks {key!r}: corrupted")
+    return meta
+
+
+def _plan_diff(model_plan: Mapping[str, tuple[str, int]], ckpt_plan: Mapping[str, Any]) -> list[str]:
+    diffs = []
+    for site in sorted(set(model_plan) | set(ckpt_plan)):
+        a = model_plan.get(site)
+        b = tuple(ckpt_plan[site]) if site in ckpt_plan else None
+        if a != b:
+            diffs.append(f"{site}: model {a if a else 'none'} vs checkpoint {b if b else 'none'}")
+    return diffs
+
+
+def restore_adapters(directory: str | os.PathLike, model: Any, variables: Mapping | None = None):
+    """Restore adapter state saved by :func:`save_adapters` into ``model``.
+
+    NNX: writes into ``model`` in place and returns it. Linen: returns new variables.
+    The model must carry the same plan (sites, methods, sizes) and options; otherwise, and for a
+    truncated or corrupted checkpoint, :class:`CheckpointError` is raised and nothing is changed.
+    """
+    path = Path(directory).absolute()
+    meta = read_checkpoint_metadata(path)
+    diffs = _plan_diff(applied_plan(model), meta["assignments"])
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was saved from a different plan than the "
+                              f"model's: " + "; ".join(diffs[:8])
+                              + (f" (+{len(diffs) - 8} more)" if len(diffs) > 8 else ""))
+    mine = _model_options(model)
+    theirs = meta["options"]
+    opt_diffs = [f"{k}: model {mine.get(k)!r} vs checkpoint {theirs.get(k)!r}"
+                 for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    if opt_diffs:
+        raise CheckpointError(f"checkpoint {path} was saved with different PEFT options: "
+                              + "; ".join(opt_diffs))
+    current = adapter_state(model, variables)
+    expected = {site: {leaf: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype)
+                       for leaf, v in leaves.items()} for site, leaves in current.items()}
+    recorded = meta["leaves"]
+    for site, leaves in expected.items():
+        rec = recorded.get(site)
+        if rec is None or set(rec) != set(leaves):
+            raise CheckpointError(f"checkpoint {path} has leaves {sorted(rec or [])} for site "
+                                  f"{site!r}; the model has {sorted(leaves)}")
+        for leaf, sds in leaves.items():
+            r = rec[leaf]
+            if tuple(r.get("shape", ())) != sds.shape or r.get("dtype") != np.dtype(sds.dtype).name:
+                raise CheckpointError(f"checkpoint {path} leaf {site}/{leaf} is "
+                                      f"{r.get('dtype')}{tuple(r.get('shape', ()))}; the model "
+                                      f"expects {np.dtype(sds.dtype).name}{sds.shape}")
+    abstract = _unflatten({tuple(site.split("/")) + (leaf,): sds
+                           for site, leaves in expected.items() for leaf, sds in leaves.items()})
+    ocp = _ocp()
+    try:
+        restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+            path, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(abstract)))["adapters"]
+    except Exception as e:  # orbax / tensorstore raise many types for damaged files
+        raise CheckpointError(f"checkpoint {path} could not be read: it is truncated or corrupted "
+                              f"({type(e).__name__}: {str(e)[:300]})") from e
+    flat = _flatten(restored)
+    state: dict[str, dict[str, np.ndarray]] = {}
+    for site, leaves in expected.items():
+        for leaf in leaves:
+            key = tuple(site.split("/")) + (leaf,)
+            if key not in flat:
+                raise CheckpointError(f"checkpoint {path} lacks array {site}/{leaf}: truncated")
+            arr = np.asarray(flat[key])
+            if _digest(arr) != recorded[site][leaf].get("sha256"):
+                raise CheckpointError(f"checkpoint {path} array {site}/{leaf} fails its SHA-256 "
+                                      f"check: the file is corrupted")
+            state.setdefault(site, {})[leaf] = arr
+    return load_adapter_state(model, state, variables)

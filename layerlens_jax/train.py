@@ -1,0 +1,200 @@
+"""Training helpers for wrapped models: masked optimizers and jit-compiled train steps.
+
+The adapter state is selected by one filter (:data:`layerlens_jax.peft.PEFT_FILTER`, an
+``nnx.LoRAParam`` subclass) in NNX and by one name predicate (``peft_*`` leaves) in Linen. The
+train steps differentiate *only* that state and the optimizer holds state only for it, so the base
+weights are never written: they stay bit-for-bit unchanged (not merely "updated by zero").
+
+User loss: ``loss_fn(model, batch)`` returning a scalar, a per-example vector (averaged), or
+``(loss, aux)`` with ``has_aux=True``. For Linen the ``model`` passed is the module bound to the
+current variables (``module.bind(variables)``), so the same loss function serves both APIs.
+
+Three step factories:
+
+* :func:`make_train_step`: ``step(model, optimizer, batch) -> metrics`` over ``nnx.Optimizer``,
+  compiled with ``nnx.jit`` (simplest; updates model and optimizer in place).
+* :func:`make_functional_train_step`: splits the model once into (trainable, frozen, other) state
+  and returns a ``jax.jit`` step over a :class:`TrainState` pytree with the state donated (no graph
+  traversal per step: the fast path). :func:`write_back` puts the state into the model.
+* :func:`make_linen_train_step`: the same for a Linen module and its variables.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import nnx
+
+from layerlens_jax.peft.apply import combine_params, optax_labels, partition_params
+from layerlens_jax.peft.nnx_modules import PEFT_FILTER
+
+__all__ = [
+    "make_optimizer",
+    "masked_tx",
+    "make_train_step",
+    "TrainState",
+    "make_functional_train_step",
+    "write_back",
+    "LinenTrainState",
+    "make_linen_train_step",
+    "linen_variables",
+    "reduce_loss",
+]
+
+
+def reduce_loss(out: Any, has_aux: bool = False) -> tuple[jax.Array, Any]:
+    """``(scalar loss, aux)`` from a loss function's output: a per-example loss is averaged."""
+    loss, aux = (out if has_aux else (out, None))
+    loss = jnp.asarray(loss)
+    if not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise TypeError(f"loss_fn must return a floating loss, got dtype {loss.dtype}")
+    return (jnp.mean(loss) if loss.ndim else loss), aux
+
+
+def make_optimizer(model: nnx.Module, tx: optax.GradientTransformation, *,
+                   wrt: Any = PEFT_FILTER) -> nnx.Optimizer:
+    """``nnx.Optimizer`` over the adapter state only (``wrt=nnx.Param`` gives full fine-tuning)."""
+    return nnx.Optimizer(model, tx, wrt=wrt)
+
+
+def masked_tx(tx: optax.GradientTransformation, params: Any) -> optax.GradientTransformation:
+    """``tx`` on adapter leaves, ``optax.set_to_zero()`` elsewhere, for code that must optimise a
+    whole parameter tree (e.g. a Linen ``TrainState``). Optimizer state exists only for adapter
+    leaves. The step factories here do better: they never differentiate the base at all."""
+    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
+                                 optax_labels(params))
+
+
+def _metrics(loss, grads, aux):
+    out = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    if aux is not None:
+        out["aux"] = aux
+    return out
+
+
+def make_train_step(loss_fn: Callable, *, wrt: Any = PEFT_FILTER, has_aux: bool = False,
+                    jit: bool = True) -> Callable:
+    """``step(model, optimizer, batch) -> {"loss", "grad_norm"[, "aux"]}`` (in place).
+
+    ``optimizer`` is an ``nnx.Optimizer`` built with the same ``wrt`` (see :func:`make_optimizer`).
+    """
+
+    def step(model, optimizer, batch):
+        def f(m):
+            return reduce_loss(loss_fn(m, batch), has_aux)
+
+        (loss, aux), grads = nnx.value_and_grad(f, argnums=nnx.DiffState(0, wrt),
+                                                has_aux=True)(model)
+        optimizer.update(model, grads)
+        return _metrics(loss, grads, aux)
+
+    return nnx.jit(step) if jit else step
+
+
+class TrainState(NamedTuple):
+    """Pytree state of :func:`make_functional_train_step`: the trainable state, the frozen base
+    parameters, everything else (rng counters, batch stats, ...) and the optimizer state."""
+
+    trainable: Any
+    frozen: Any
+    other: Any
+    opt_state: Any
+    step: jax.Array
+
+
+def make_functional_train_step(model: nnx.Module, tx: optax.GradientTransformation,
+                               loss_fn: Callable, *, wrt: Any = PEFT_FILTER,
+                               has_aux: bool = False, donate: bool = True
+                               ) -> tuple[Callable, TrainState]:
+    """``(step, state)`` with ``step(state, batch) -> (state, metrics)`` a ``jax.jit`` function.
+
+    The model is split once (``graphdef``, trainable = ``wrt``, frozen = other ``nnx.Param``,
+    other = the rest). Only ``trainable`` is differentiated; ``frozen`` passes through the step
+    untouched (not donated). With ``donate`` the trainable, other and optimizer state buffers are
+    reused in place.
+    """
+    graphdef, trainable, frozen, other = nnx.split(model, wrt, nnx.Param, ...)
+    state = TrainState(trainable, frozen, other, tx.init(trainable), jnp.zeros((), jnp.int32))
+
+    def step(trainable, opt_state, other, count, frozen, batch):
+        def f(tr):
+            m = nnx.merge(graphdef, tr, frozen, other)
+            loss, aux = reduce_loss(loss_fn(m, batch), has_aux)
+            return loss, (aux, nnx.state(m, nnx.Not(nnx.Param)))
+
+        (loss, (aux, new_other)), grads = jax.value_and_grad(f, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, new_other, count + 1, _metrics(loss, grads, aux)
+
+    jitted = jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
+
+    def run(state: TrainState, batch) -> tuple[TrainState, dict]:
+        tr, opt, oth, count, metrics = jitted(state.trainable, state.opt_state, state.other,
+                                              state.step, state.frozen, batch)
+        return TrainState(tr, state.frozen, oth, opt, count), metrics
+
+    run.jitted = jitted  # for lowering / cost analysis
+    return run, state
+
+
+def write_back(model: nnx.Module, state: TrainState) -> nnx.Module:
+    """Write a :class:`TrainState`'s trainable and other state into ``model`` (in place)."""
+    nnx.update(model, state.trainable, state.other)
+    return model
+
+
+class LinenTrainState(NamedTuple):
+    trainable: Any  # adapter params (nested dict)
+    frozen: Any  # base params
+    other: Any  # non-param collections
+    opt_state: Any
+    step: jax.Array
+
+
+def make_linen_train_step(module: nn.Module, variables: Mapping, tx: optax.GradientTransformation,
+                          loss_fn: Callable, *, has_aux: bool = False, donate: bool = True,
+                          rng_collections: tuple[str, ...] = ()
+                          ) -> tuple[Callable, LinenTrainState]:
+    """``(step, state)`` for a Linen module (e.g. a ``PeftLinen``) and its variables.
+
+    ``loss_fn(bound_module, batch)`` gets ``module.bind(variables)``; ``step(state, batch, rngs=None)
+    -> (state, metrics)``. Only the ``peft_*`` leaves of ``params`` are trained. ``rngs`` (a dict
+    of keys, e.g. ``{"dropout": key}``) is passed to ``bind``.
+    """
+    params = variables["params"]
+    trainable, frozen = partition_params(params)
+    if not jax.tree.leaves(trainable):
+        raise ValueError("these variables have no adapter (peft_*) parameters; initialise them with "
+                         "layerlens_jax.peft.init_adapters first")
+    other = {k: v for k, v in variables.items() if k != "params"}
+    state = LinenTrainState(trainable, frozen, other, tx.init(trainable), jnp.zeros((), jnp.int32))
+
+    def step(trainable, opt_state, count, frozen, other, batch, rngs):
+        def f(tr):
+            bound = module.bind({**other, "params": combine_params(tr, frozen)}, rngs=rngs)
+            return reduce_loss(loss_fn(bound, batch), has_aux)
+
+        (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, count + 1, _metrics(loss, grads, aux)
+
+    jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+    def run(state: LinenTrainState, batch, rngs=None):
+        tr, opt, count, metrics = jitted(state.trainable, state.opt_state, state.step,
+                                         state.frozen, state.other, batch, rngs)
+        return LinenTrainState(tr, state.frozen, state.other, opt, count), metrics
+
+    run.jitted = jitted
+    return run, state
+
+
+def linen_variables(state: LinenTrainState) -> dict:
+    """The full Linen variables (base + trained adapters) of a :class:`LinenTrainState`."""
+    return {**state.other, "params": combine_params(state.trainable, state.frozen)}

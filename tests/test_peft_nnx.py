@@ -1,0 +1,370 @@
+"""NNX: identity at init, exact trainable counts, surgery semantics, errors, merge, prefix masks."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from layerlens_jax.models import BertClassifier, BertConfig, MLP
+from layerlens_jax.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
+                                adapter_state, applied_plan, apply_plan, count_trainable, merge)
+from layerlens_jax.peft import functional as F
+from layerlens_jax.sites import discover_sites, get_submodule
+
+CFG = BertConfig.tiny()  # hidden 16, 2 heads (head_dim 8), FFN 32, vocab 50, 2 layers
+H, NH, HD, FFN, V = 16, 2, 8, 32, 50
+L0 = "encoder/layers_0"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return BertClassifier(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, V, (3, 7)), jnp.int32)
+    mask = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4], jnp.int32)
+    return ids, mask
+
+
+def perturb(m, seed=1, scale=0.3):
+    """Give every adapter leaf random values (so adapters actually do something)."""
+    st = nnx.state(m, PEFT_FILTER)
+    leaves, tdef = jax.tree.flatten(st)
+    rng = np.random.default_rng(seed)
+    new = [jnp.asarray(rng.normal(size=x.shape) * scale, x.dtype) for x in leaves]
+    nnx.update(m, jax.tree.unflatten(tdef, new))
+    return m
+
+
+MIXED = {
+    f"{L0}/attention/mha/query": ("lora", 2),
+    f"{L0}/attention/mha/out": ("lora", 3),
+    f"{L0}/attention/mha": ("prefix", 3),
+    f"{L0}/attention": ("adapter", 4),
+    "encoder/layers_1/mlp/intermediate": ("lora", 3),
+    "encoder/layers_1/mlp": ("adapter", 2),
+    "embeddings/word": ("lora", 2),
+    "classifier": ("lora", 1),
+}
+
+
+# ------------------------------------------------------------------ identity at init
+
+
+@pytest.mark.parametrize("plan", [
+    {f"{L0}/mlp/intermediate": ("lora", 4)},
+    {f"{L0}/attention/mha/key": ("lora", 2)},
+    {"embeddings/word": ("lora", 3)},
+    {f"{L0}/mlp": ("adapter", 5)},
+    {f"{L0}/attention/mha": ("prefix", 4)},
+    MIXED,
+], ids=["lora-linear", "lora-general", "lora-embed", "adapter", "prefix", "mixed"])
+def test_identity_at_init_exact(model, batch, plan):
+    wrapped = apply_plan(model, plan, example=batch)
+    assert np.array_equal(np.asarray(model(*batch)), np.asarray(wrapped(*batch)))
+    # Under jit the two programs differ, so XLA may fuse (and round) differently: equal to float32
+    # rounding, not necessarily bit for bit.
+    f = nnx.jit(lambda m, a, b: m(a, b))
+    np.testing.assert_allclose(f(model, *batch), f(wrapped, *batch), rtol=1e-6, atol=1e-7)
+
+
+def test_identity_prefix_reparam_and_rslora(model, batch):
+    wrapped = apply_plan(model, {f"{L0}/attention/mha": ("prefix", 2), "pooler": ("lora", 4)},
+                         prefix_reparam_hidden=6, use_rslora=True, lora_alpha=8.0)
+    assert np.array_equal(np.asarray(model(*batch)), np.asarray(wrapped(*batch)))
+    assert get_submodule(wrapped, "pooler").scale == 8.0 / 2.0
+
+
+# -------------------------------------------------------------- exact trainable counts
+
+
+def lora_count(r, fan_in, fan_out):
+    return r * (fan_in + fan_out)
+
+
+def adapter_count(b, d):
+    return 2 * d * b + b + d
+
+
+def prefix_count(p, nh, hd):
+    return 2 * p * nh * hd
+
+
+@pytest.mark.parametrize("size", [1, 4, 8])
+def test_trainable_count_matches_cost_formula(model, batch, size):
+    cases = [
+        ({f"{L0}/mlp/intermediate": ("lora", size)}, lora_count(size, H, FFN)),
+        ({f"{L0}/mlp/output": ("lora", size)}, lora_count(size, FFN, H)),
+        ({f"{L0}/attention/mha/query": ("lora", size)}, lora_count(size, H, NH * HD)),
+        ({f"{L0}/attention/mha/out": ("lora", size)}, lora_count(size, NH * HD, H)),
+        ({"embeddings/word": ("lora", size)}, lora_count(size, V, H)),
+        ({f"{L0}/mlp": ("adapter", size)}, adapter_count(size, H)),
+        ({f"{L0}/attention/mha": ("prefix", size)}, prefix_count(size, NH, HD)),
+    ]
+    sites = discover_sites(model, example=batch)  # once; apply_plan would rediscover per call
+    for plan, expected in cases:  # abstract: counts need shapes, not values
+        wrapped = nnx.eval_shape(lambda: apply_plan(model, plan, sites=sites))
+        assert count_trainable(wrapped) == expected, plan
+    mixed = {k: (m, size) for k, (m, _) in MIXED.items()}
+    expected = (lora_count(size, H, H) * 2 + prefix_count(size, NH, HD) + adapter_count(size, H)
+                + lora_count(size, H, FFN) + adapter_count(size, H) + lora_count(size, V, H)
+                + lora_count(size, H, CFG.num_labels))
+    assert count_trainable(nnx.eval_shape(lambda: apply_plan(model, mixed, sites=sites))) == expected
+
+
+def test_trainable_count_agrees_with_discovered_site_features(model, batch):
+    """The cost formula's in/out come from discover_sites: check against it for every linear."""
+    sites = discover_sites(model, example=batch, kinds=("linear",))
+    plan = {s.path: ("lora", 3) for s in sites}
+    wrapped = apply_plan(model, plan)
+    assert count_trainable(wrapped) == sum(3 * (s.in_features + s.out_features) for s in sites)
+
+
+def test_prefix_reparam_count(model):
+    p, hdim, d = 3, 5, NH * HD
+    w = apply_plan(model, {f"{L0}/attention/mha": ("prefix", p)}, prefix_reparam_hidden=hdim)
+    assert count_trainable(w) == p * d + d * hdim + hdim + hdim * 2 * d + 2 * d
+
+
+# ------------------------------------------------------------- variable types / names
+
+
+def test_variables_are_lora_params_with_one_prefix(model, batch):
+    wrapped = apply_plan(model, MIXED, example=batch)
+    peft = nnx.state(wrapped, nnx.LoRAParam)
+    flat = list(nnx.to_flat_state(peft))
+    assert flat and all(str(path[-1]).startswith("peft_") for path, _ in flat)
+    assert all(isinstance(v, PeftParam) for _, v in flat)
+    assert count_trainable(wrapped) == sum(math.prod(v.shape) for _, v in flat)
+    # base params exclude adapters, and their count is unchanged
+    n_base = sum(x.size for x in jax.tree.leaves(nnx.state(wrapped, BASE_FILTER)))
+    assert n_base == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    # nnx.Optimizer written for nnx.LoRAParam trains exactly the adapters
+    opt = nnx.Optimizer(wrapped, optax.sgd(0.1), wrt=nnx.LoRAParam)
+    assert sum(x.size for x in jax.tree.leaves(opt.opt_state)) == 0  # sgd has no state
+    assert applied_plan(wrapped) == MIXED
+
+
+def test_init_is_deterministic_per_site(model):
+    a = apply_plan(model, {"pooler": ("lora", 2), "classifier": ("lora", 2)})
+    b = apply_plan(model, {"pooler": ("lora", 2)})
+    np.testing.assert_array_equal(a.pooler.peft_lora_a[...], b.pooler.peft_lora_a[...])
+    c = apply_plan(model, {"pooler": ("lora", 2)}, seed=1)
+    assert not np.array_equal(a.pooler.peft_lora_a[...], c.pooler.peft_lora_a[...])
+
+
+# --------------------------------------------------------------- surgery semantics
+
+
+def test_clone_by_default_and_inplace(batch):
+    m = BertClassifier(CFG, rngs=nnx.Rngs(1))
+    ref = np.asarray(m(*batch))
+    w = perturb(apply_plan(m, {"pooler": ("lora", 2)}))
+    assert not isinstance(m.pooler, LoRA) and isinstance(w.pooler, LoRA)
+    assert not np.allclose(ref, np.asarray(w(*batch)))
+    np.testing.assert_array_equal(ref, np.asarray(m(*batch)))
+    w2 = apply_plan(m, {"pooler": ("lora", 2)}, inplace=True)
+    assert w2 is m and isinstance(m.pooler, LoRA)
+
+
+@pytest.mark.parametrize("plan,match", [
+    ({"encoder/layers_9/mlp": ("adapter", 2)}, "encoder/layers_9/mlp"),
+    ({"pooler/nope": ("lora", 2)}, "pooler/nope"),
+    ({f"{L0}/mlp_norm": ("lora", 2)}, f"{L0}/mlp_norm.*kind 'norm'"),
+    ({"pooler": ("adapter", 2)}, "'pooler' of kind 'linear'"),
+    ({"pooler": ("prefix", 2)}, "'pooler' of kind 'linear'"),
+    ({f"{L0}/attention/mha": ("lora", 2)}, "kind 'attention'"),
+    ({"pooler": ("dora", 2)}, "unknown method 'dora'.*pooler"),
+    ({"pooler": ("lora", 0)}, "size 0.*pooler"),
+    ({"pooler": ("lora", 2.5)}, "pooler"),
+])
+def test_bad_plans_raise_naming_the_site(model, batch, plan, match):
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    with pytest.raises(ValueError, match=match):
+        apply_plan(model, {"classifier": ("lora", 2), **plan}, example=batch, inplace=True)
+    after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    assert jax.tree.structure(before) == jax.tree.structure(after)
+    assert not isinstance(model.classifier, LoRA)
+
+
+def test_plan_object_duck_typed(model, batch):
+    class FakePlan:
+        peft_options = {"lora_alpha": 4.0, "use_rslora": False, "adapter_activation": "relu"}
+
+        def assignments(self):
+            return {"pooler": ("lora", 2), f"{L0}/mlp": ("adapter", 3)}
+
+    w = apply_plan(model, FakePlan(), example=batch)
+    assert w.pooler.scale == 2.0 and get_submodule(w, f"{L0}/mlp").activation == "relu"
+    w = apply_plan(model, FakePlan(), example=batch, lora_alpha=8.0)  # keyword overrides
+    assert w.pooler.scale == 4.0
+
+
+def test_adapter_needs_width(model):
+    with pytest.raises(ValueError, match="example"):
+        apply_plan(model, {f"{L0}/mlp": ("adapter", 2)})
+
+
+# -------------------------------------------------------------------------- merge
+
+
+def test_merge_matches_unmerged_and_restores_tree(model, batch):
+    plan = {k: v for k, v in MIXED.items()}
+    wrapped = perturb(apply_plan(model, plan, example=batch))
+    merged = merge(wrapped)
+    np.testing.assert_allclose(np.asarray(merged(*batch)), np.asarray(wrapped(*batch)),
+                               rtol=2e-5, atol=2e-5)
+    assert not any(isinstance(m, LoRA) for _, m in nnx.iter_modules(merged))
+    assert any(isinstance(m, Adapter) for _, m in nnx.iter_modules(merged))  # not mergeable
+    assert isinstance(get_submodule(merged, f"{L0}/attention/base_module/mha").attention_fn, Prefix)
+    assert isinstance(wrapped.pooler, nnx.Linear) or True
+    assert isinstance(get_submodule(wrapped, "classifier"), LoRA)  # merge cloned
+
+
+def test_merge_lora_only_gives_base_structure(model, batch):
+    sites = discover_sites(model, kinds=("linear", "embedding"))
+    wrapped = perturb(apply_plan(model, {s.path: ("lora", 2) for s in sites}))
+    merged = merge(wrapped)
+    np.testing.assert_allclose(np.asarray(merged(*batch)), np.asarray(wrapped(*batch)),
+                               rtol=2e-5, atol=2e-5)
+    assert nnx.graphdef(merged) == nnx.graphdef(model)
+    assert count_trainable(merged) == 0
+
+
+# ------------------------------------------------------------------ other site types
+
+
+def test_lora_conv_and_einsum_against_materialised_kernel():
+    rngs = nnx.Rngs(0)
+    conv = nnx.Conv(3, 4, kernel_size=(3, 3), strides=(2, 1), padding="SAME", rngs=rngs)
+    x = jax.random.normal(jax.random.key(1), (2, 7, 6, 3))
+    lora = LoRA(conv, 2, alpha=2.0, rngs=nnx.Rngs(2))
+    assert np.array_equal(np.asarray(lora(x)), np.asarray(conv(x)))
+    assert count_trainable(lora) == 2 * (3 * 3 * 3 + 4)
+    perturb(lora)
+    ref = nnx.clone(conv)
+    ref.kernel[...] = lora.merged_kernel()
+    np.testing.assert_allclose(lora(x), ref(x), rtol=1e-4, atol=1e-4)
+
+    ein = nnx.Einsum("btd,dnh->btnh", (4, 2, 3), (2, 3), rngs=rngs)
+    x = jax.random.normal(jax.random.key(3), (2, 5, 4))
+    lora = perturb(LoRA(ein, 2, rngs=nnx.Rngs(4)))
+    assert count_trainable(lora) == 2 * (4 + 6)
+    ref = nnx.clone(ein)
+    ref.kernel[...] = lora.merged_kernel()
+    np.testing.assert_allclose(lora(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_lora_embed_attend():
+    emb = nnx.Embed(10, 4, rngs=nnx.Rngs(0))
+    lora = perturb(LoRA(emb, 2, rngs=nnx.Rngs(1)))
+    q = jax.random.normal(jax.random.key(2), (3, 4))
+    table = lora.merged_kernel()
+    np.testing.assert_allclose(lora.attend(q), q @ table.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(lora(jnp.array([1, 7])), table[jnp.array([1, 7])], rtol=1e-5)
+
+
+def test_lora_dropout_only_in_training():
+    lin = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    lora = perturb(LoRA(lin, 2, dropout=0.5, rngs=nnx.Rngs(1)))
+    x = jnp.ones((8, 4))
+    lora.eval()
+    y1, y2 = lora(x), lora(x)
+    np.testing.assert_array_equal(y1, y2)
+    lora.train()
+    assert not np.allclose(lora(x), y1)
+
+
+def test_lora_dtypes_respected():
+    lin = nnx.Linear(4, 3, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    lora = LoRA(lin, 2, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    assert lora.peft_lora_a.dtype == jnp.bfloat16
+    y = lora(jnp.ones((2, 4), jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(y, lin(jnp.ones((2, 4), jnp.bfloat16)))
+
+
+def test_standalone_adapter():
+    ad = Adapter(None, 3, features=5, rngs=nnx.Rngs(0))
+    h = jnp.ones((2, 5))
+    np.testing.assert_array_equal(ad(h), h)
+    assert count_trainable(ad) == 2 * 5 * 3 + 3 + 5
+
+
+# ------------------------------------------------------------- prefix and masks
+
+
+@pytest.mark.parametrize("mode", ["parallel", "joint"])
+def test_prefix_padding_invariance(model, batch, mode):
+    """Outputs at real tokens don't depend on what sits at padded positions, prefix or not."""
+    wrapped = perturb(apply_plan(model, {f"{L0}/attention/mha": ("prefix", 3),
+                                         "encoder/layers_1/attention/mha": ("prefix", 2)},
+                                 prefix_mode=mode))
+    ids, mask = batch
+    ids2 = jnp.where(mask == 0, (ids + 7) % V, ids)
+    h1, h2 = wrapped.encode(ids, mask), wrapped.encode(ids2, mask)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(h1)[real], np.asarray(h2)[real], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(h1), np.asarray(model.encode(ids, mask)))
+
+
+@pytest.mark.parametrize("mode", ["parallel", "joint"])
+def test_prefix_causal_with_mha(mode):
+    mha = nnx.MultiHeadAttention(2, 8, decode=False, rngs=nnx.Rngs(0))
+    from layerlens_jax.peft.nnx_modules import prefix_target_info
+    info = prefix_target_info(mha)
+    mha.attention_fn = nnx.data(Prefix(3, info["num_heads"], info["head_dim"],
+                                       base_fn=mha.attention_fn, mode=mode, rngs=nnx.Rngs(1)))
+    perturb(mha)
+    x = jax.random.normal(jax.random.key(2), (2, 6, 8))
+    x2 = x.at[:, 4:].set(5.0)
+    y1, y2 = mha(x, is_causal=True), mha(x2, is_causal=True)
+    np.testing.assert_allclose(y1[:, :4], y2[:, :4], rtol=1e-5, atol=1e-5)  # future ignored
+    assert not np.allclose(y1[:, 4:], y2[:, 4:])
+    # causal via explicit mask gives the same
+    causal = jnp.tril(jnp.ones((6, 6), bool))[None, None]
+    np.testing.assert_allclose(mha(x, mask=causal), y1, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_user_attention_protocol():
+    class MyAttention(nnx.Module):
+        __layerlens_kind__ = "attention"
+
+        def __init__(self, rngs):
+            self.num_heads, self.head_dim = 2, 4
+            self.proj = nnx.Linear(8, 24, rngs=rngs)
+            self.attention_fn = nnx.dot_product_attention
+
+        def __call__(self, x):
+            q, k, v = jnp.split(self.proj(x).reshape(x.shape[:-1] + (6, 4)), 3, axis=-2)
+            return self.attention_fn(q, k, v).reshape(x.shape)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.attn = MyAttention(rngs)
+
+        def __call__(self, x):
+            return self.attn(x)
+
+    net = Net(nnx.Rngs(0))
+    x = jnp.ones((1, 3, 8))
+    w = apply_plan(net, {"attn": ("prefix", 2)})
+    assert np.array_equal(np.asarray(w(x)), np.asarray(net(x)))
+    assert count_trainable(w) == 2 * 2 * 2 * 4
+    assert adapter_state(w).keys() == {"attn"}
+
+
+def test_mlp_all_layers_lora():
+    m = MLP((4, 8, 8, 2), rngs=nnx.Rngs(0))
+    w = apply_plan(m, {f"layers_{i}": ("lora", 2) for i in range(3)})
+    x = jnp.ones((5, 4))
+    assert np.array_equal(np.asarray(w(x)), np.asarray(m(x)))
+    assert count_trainable(w) == 2 * (4 + 8) + 2 * (8 + 8) + 2 * (8 + 2)
+    np.testing.assert_allclose(merge(perturb(w))(x), w(x), rtol=1e-5, atol=1e-5)
