@@ -25,6 +25,7 @@ settings; the test split is read only to report.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -278,19 +279,21 @@ def _correct(logits, labels, w):
         optax.softmax_cross_entropy_with_integer_labels(logits, labels) * w), jnp.sum(w)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_logits(graphdef, state, batch):
+    return _logits(nnx.merge(graphdef, state), batch)
+
+
 def evaluate_accuracy(model, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, float]:
-    """Accuracy and mean loss over a split (padding examples excluded)."""
+    """Accuracy and mean loss over a split (padding examples excluded). Compiles once per model
+    structure and batch shape."""
     from layerlens_jax.data import iterate_batches
 
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def logits(state, batch):
-        return _logits(nnx.merge(graphdef, state), batch)
-
     hit = loss = n = 0.0
     for batch in iterate_batches(arrays, batch_size, shuffle=False):
-        c, l, w = _correct(logits(state, batch), batch["labels"], batch["example_mask"])
+        c, l, w = _correct(_eval_logits(graphdef, state, batch), batch["labels"],
+                           batch["example_mask"])
         hit, loss, n = hit + float(c), loss + float(l), n + float(w)
     return {"accuracy": hit / n, "loss": loss / n, "examples": int(n)}
 
@@ -335,6 +338,7 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
         bar = tqdm(total=cfg.train.steps, desc=f"train {variant} seed {seed}", unit="step",
                    leave=False)
     curve, losses = [], []
+    eval_seconds = 0.0
     t0 = time.perf_counter()
     batch = first
     for i in range(cfg.train.steps):
@@ -345,8 +349,10 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
             t0 = time.perf_counter()
         if (i + 1) % cfg.train.eval_every == 0 or i + 1 == cfg.train.steps:
             recent = float(np.mean(jax.device_get(losses[-cfg.train.eval_every:])))
+            te = time.perf_counter()
             write_back(model, state)
             val = evaluate_accuracy(model, prep.arrays["validation"], cfg.data.eval_batch_size)
+            eval_seconds += time.perf_counter() - te
             curve.append({"step": i + 1, "train_loss": recent, "val_loss": val["loss"],
                           "val_accuracy": val["accuracy"]})
             if not math.isfinite(recent):
@@ -356,7 +362,8 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
             bar.update(1)
         batch = next(it)
     jax.block_until_ready(state.trainable)
-    seconds = (time.perf_counter() - t0) * cfg.train.steps / max(cfg.train.steps - 1, 1)
+    seconds = ((time.perf_counter() - t0 - eval_seconds) * cfg.train.steps
+               / max(cfg.train.steps - 1, 1))
     if bar is not None:
         bar.close()
     write_back(model, state)

