@@ -118,6 +118,8 @@ def make_functional_train_step(model: nnx.Module, tx: optax.GradientTransformati
     reused in place.
     """
     graphdef, trainable, frozen, other = nnx.split(model, wrt, nnx.Param, ...)
+    if donate:  # own copies: donating must not delete buffers the model (or its clones) still hold
+        trainable, other = jax.tree.map(jnp.copy, (trainable, other))
     state = TrainState(trainable, frozen, other, tx.init(trainable), jnp.zeros((), jnp.int32))
 
     def step(trainable, opt_state, other, count, frozen, batch):
@@ -168,6 +170,8 @@ def make_linen_train_step(module: nn.Module, variables: Mapping, tx: optax.Gradi
     """
     params = variables["params"]
     trainable, frozen = partition_params(params)
+    if donate:
+        trainable = jax.tree.map(jnp.copy, trainable)
     if not jax.tree.leaves(trainable):
         raise ValueError("these variables have no adapter (peft_*) parameters; initialise them with "
                          "layerlens_jax.peft.init_adapters first")

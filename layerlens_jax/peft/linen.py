@@ -271,21 +271,27 @@ def _lora_fans(module, path, kernel_shape) -> tuple[int, int]:
 def init_adapters(wrapped: PeftLinen, rng: jax.Array, variables: Mapping, *args, **kwargs) -> dict:
     """Variables for ``wrapped``: the given base ``variables`` plus freshly initialised adapters.
 
-    Runs ``wrapped.init`` (jit-compiled) on the example inputs, keeps only its ``peft_*`` leaves and
-    checks that the rest has exactly the structure and shapes of ``variables["params"]``.
+    Runs ``wrapped.apply(variables, *args, mutable="params")`` (jit-compiled) on example inputs: the
+    base parameters are used as they are, only the missing ``peft_*`` leaves are created (with
+    ``rng`` as the ``params`` stream). Raises ``ValueError`` when the base variables lack a parameter
+    the model creates or a shape differs.
     """
-    init = jax.jit(lambda r, a, k: wrapped.init(r, *a, **k))
-    fresh = init(rng, args, kwargs)
+    def run(v, r, a, k):
+        return wrapped.apply(v, *a, rngs={"params": r}, mutable=["params"], **k)[1]
+
+    try:
+        fresh = jax.jit(run)(dict(variables), rng, args, kwargs)
+    except Exception as e:  # Linen reports a base shape mismatch as a ScopeParamShapeError
+        if "ScopeParamShapeError" in type(e).__name__ or "shape" in str(e).lower() and \
+                "param" in str(e).lower():
+            raise ValueError(f"base variables do not match the model: {e}") from e
+        raise
     adapters, base = partition_params(fresh["params"])
     given = _flatten(variables["params"])
     made = _flatten(base)
     if set(given) != set(made):
         extra = sorted("/".join(k) for k in set(given) ^ set(made))[:5]
         raise ValueError(f"base variables do not match the model: differing parameters {extra}")
-    for k, v in made.items():
-        if tuple(jnp.shape(given[k])) != tuple(v.shape):
-            raise ValueError(f"base parameter {'/'.join(k)!r} has shape {jnp.shape(given[k])}, the "
-                             f"model expects {v.shape}")
     params = _unflatten({**given, **_flatten(adapters)})
     return {**variables, "params": params}
 

@@ -1,0 +1,154 @@
+"""Masked training: base weights bit-for-bit unchanged, adapters trained, loss decreases."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from layerlens_jax.models import (BertClassifier, BertConfig, LinenBertClassifier, MLP,
+                                  nnx_params_as_linen)
+from layerlens_jax.peft import (BASE_FILTER, PEFT_FILTER, apply_plan, count_trainable,
+                                init_adapters, optax_labels, partition_params)
+from layerlens_jax.train import (linen_variables, make_functional_train_step,
+                                 make_linen_train_step, make_optimizer, make_train_step, masked_tx,
+                                 reduce_loss, write_back)
+
+CFG = BertConfig.tiny()
+L0 = "encoder/layers_0"
+PLAN = {f"{L0}/attention/mha/query": ("lora", 2), f"{L0}/attention/mha": ("prefix", 2),
+        f"{L0}/mlp": ("adapter", 3), "encoder/layers_1/mlp/output": ("lora", 2),
+        "embeddings/word": ("lora", 2)}
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, CFG.vocab_size, (8, 6)), jnp.int32)
+    mask = jnp.asarray(np.where(np.arange(6)[None] < rng.integers(3, 7, (8, 1)), 1, 0), jnp.int32)
+    labels = jnp.asarray(rng.integers(0, CFG.num_labels, (8,)), jnp.int32)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def per_example_loss(model, batch):  # the same function serves NNX models and bound Linen ones
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+
+
+def bits(tree):
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def test_nnx_train_step_base_bit_identical(batch):
+    model = apply_plan(BertClassifier(CFG, rngs=nnx.Rngs(0)), PLAN, example=(
+        batch["input_ids"], batch["attention_mask"]))
+    base_before = bits(nnx.state(model, BASE_FILTER))
+    peft_before = bits(nnx.state(model, PEFT_FILTER))
+    opt = make_optimizer(model, optax.adam(3e-2))
+    step = make_train_step(per_example_loss)
+    losses = [float(step(model, opt, batch)["loss"]) for _ in range(STEPS)]
+    assert losses[-1] < losses[0]
+    assert bits(nnx.state(model, BASE_FILTER)) == base_before
+    after = bits(nnx.state(model, PEFT_FILTER))
+    assert sum(a != b for a, b in zip(after, peft_before)) == len(after)  # every leaf moved
+    # optimizer state covers exactly the adapter parameters (adam: mu and nu)
+    n_opt = sum(x.size for x in jax.tree.leaves(opt.opt_state) if x.ndim)
+    assert n_opt == 2 * count_trainable(model)
+
+
+def test_functional_step_matches_nnx_step(batch):
+    example = (batch["input_ids"], batch["attention_mask"])
+    m1 = apply_plan(BertClassifier(CFG, rngs=nnx.Rngs(0)), PLAN, example=example)
+    m2 = nnx.clone(m1)
+    base_before = bits(nnx.state(m1, BASE_FILTER))
+    tx = optax.adam(3e-2)
+    step, state = make_functional_train_step(m1, tx, per_example_loss)
+    losses = []
+    for _ in range(STEPS):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == STEPS and losses[-1] < losses[0]
+    write_back(m1, state)
+    assert bits(nnx.state(m1, BASE_FILTER)) == base_before
+    opt = make_optimizer(m2, tx)
+    nstep = make_train_step(per_example_loss)
+    ref = [float(nstep(m2, opt, batch)["loss"]) for _ in range(STEPS)]
+    np.testing.assert_allclose(losses, ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(nnx.state(m1, PEFT_FILTER)),
+                    jax.tree.leaves(nnx.state(m2, PEFT_FILTER))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_plain_nnx_optimizer_on_lora_param_filter():
+    """Training code written for nnx (wrt=nnx.LoRAParam) trains our adapters unchanged."""
+    model = apply_plan(MLP((4, 8, 2), rngs=nnx.Rngs(0)), {"layers_0": ("lora", 2),
+                                                           "layers_1": ("lora", 1)},
+                       lora_alpha=1.0)
+    base_before = bits(nnx.state(model, BASE_FILTER))
+    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.LoRAParam)
+    x, y = jnp.ones((5, 4)), jnp.zeros((5, 2))
+
+    @nnx.jit
+    def train(model, opt):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y - 1.0) ** 2),
+                                         argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        opt.update(model, grads)
+        return loss
+
+    l0 = train(model, opt)
+    for _ in range(3):
+        l1 = train(model, opt)
+    assert l1 < l0 and bits(nnx.state(model, BASE_FILTER)) == base_before
+
+
+def test_full_finetune_via_wrt_param():
+    model = MLP((4, 8, 2), rngs=nnx.Rngs(0))
+    before = bits(nnx.state(model, nnx.Param))
+    opt = make_optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    step = make_train_step(lambda m, b: jnp.mean((m(b) - 1.0) ** 2), wrt=nnx.Param)
+    step(model, opt, jnp.ones((3, 4)))
+    assert bits(nnx.state(model, nnx.Param)) != before
+
+
+def test_linen_train_step_base_bit_identical(batch):
+    nnx_model = BertClassifier(CFG, rngs=nnx.Rngs(0))
+    linen_model = LinenBertClassifier(CFG)
+    wrapped = apply_plan(linen_model, PLAN)
+    variables = init_adapters(wrapped, jax.random.key(0), nnx_params_as_linen(nnx_model),
+                              batch["input_ids"], batch["attention_mask"])
+    _, base = partition_params(variables["params"])
+    base_before = bits(base)
+    step, state = make_linen_train_step(wrapped, variables, optax.adam(3e-2), per_example_loss)
+    losses = []
+    for _ in range(STEPS):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    out = linen_variables(state)
+    assert bits(partition_params(out["params"])[1]) == base_before
+    assert count_trainable(out) == count_trainable(variables)
+
+
+def test_masked_tx_and_labels():
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "peft_lora_a": jnp.ones((2, 1)),
+                        "peft_lora_b": jnp.zeros((1, 2))}}
+    labels = optax_labels(params)
+    assert labels == {"dense": {"kernel": "frozen", "peft_lora_a": "trainable",
+                                "peft_lora_b": "trainable"}}
+    tx = masked_tx(optax.sgd(1.0), params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new["dense"]["kernel"], params["dense"]["kernel"])
+    assert not np.array_equal(new["dense"]["peft_lora_a"], params["dense"]["peft_lora_a"])
+
+
+def test_reduce_loss():
+    loss, aux = reduce_loss(jnp.array([1.0, 3.0]))
+    assert float(loss) == 2.0 and aux is None
+    loss, aux = reduce_loss((jnp.array(5.0), {"acc": 1}), has_aux=True)
+    assert float(loss) == 5.0 and aux == {"acc": 1}
+    with pytest.raises(TypeError, match="floating"):
+        reduce_loss(jnp.array([1, 2]))
