@@ -120,6 +120,7 @@ def _data_files(path: Path):
     return [p for p in path.rglob("*") if p.is_file() and "/d/" in str(p)]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete_data", "delete_meta", "bad_meta",
                                     "not_a_checkpoint"])
 def test_damaged_checkpoint_is_clear_error_and_changes_nothing(base, saved, tmp_path, damage):

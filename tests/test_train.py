@@ -41,14 +41,22 @@ def bits(tree):
     return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
 
 
-def test_nnx_train_step_base_bit_identical(batch):
+@pytest.fixture(scope="module")
+def nnx_run(batch):
+    """STEPS steps of make_train_step (nnx.jit) from a fresh wrapped model."""
     model = apply_plan(BertClassifier(CFG, rngs=nnx.Rngs(0)), PLAN, example=(
         batch["input_ids"], batch["attention_mask"]))
-    base_before = bits(nnx.state(model, BASE_FILTER))
-    peft_before = bits(nnx.state(model, PEFT_FILTER))
+    initial = nnx.clone(model)
     opt = make_optimizer(model, optax.adam(3e-2))
     step = make_train_step(per_example_loss)
     losses = [float(step(model, opt, batch)["loss"]) for _ in range(STEPS)]
+    return initial, model, opt, losses
+
+
+def test_nnx_train_step_base_bit_identical(nnx_run):
+    initial, model, opt, losses = nnx_run
+    base_before = bits(nnx.state(initial, BASE_FILTER))
+    peft_before = bits(nnx.state(initial, PEFT_FILTER))
     assert losses[-1] < losses[0]
     assert bits(nnx.state(model, BASE_FILTER)) == base_before
     after = bits(nnx.state(model, PEFT_FILTER))
@@ -58,10 +66,9 @@ def test_nnx_train_step_base_bit_identical(batch):
     assert n_opt == 2 * count_trainable(model)
 
 
-def test_functional_step_matches_nnx_step(batch):
-    example = (batch["input_ids"], batch["attention_mask"])
-    m1 = apply_plan(BertClassifier(CFG, rngs=nnx.Rngs(0)), PLAN, example=example)
-    m2 = nnx.clone(m1)
+def test_functional_step_matches_nnx_step(batch, nnx_run):
+    initial, m2, _, ref = nnx_run
+    m1 = nnx.clone(initial)
     base_before = bits(nnx.state(m1, BASE_FILTER))
     tx = optax.adam(3e-2)
     step, state = make_functional_train_step(m1, tx, per_example_loss)
@@ -72,9 +79,6 @@ def test_functional_step_matches_nnx_step(batch):
     assert int(state.step) == STEPS and losses[-1] < losses[0]
     write_back(m1, state)
     assert bits(nnx.state(m1, BASE_FILTER)) == base_before
-    opt = make_optimizer(m2, tx)
-    nstep = make_train_step(per_example_loss)
-    ref = [float(nstep(m2, opt, batch)["loss"]) for _ in range(STEPS)]
     np.testing.assert_allclose(losses, ref, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(nnx.state(m1, PEFT_FILTER)),
                     jax.tree.leaves(nnx.state(m2, PEFT_FILTER))):
