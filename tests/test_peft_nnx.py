@@ -375,3 +375,47 @@ def test_mlp_all_layers_lora():
     assert np.array_equal(np.asarray(w(x)), np.asarray(m(x)))
     assert count_trainable(w) == 2 * (4 + 8) + 2 * (8 + 8) + 2 * (8 + 2)
     np.testing.assert_allclose(fwd(merge(perturb(w)), x), fwd(w, x), rtol=1e-5, atol=1e-5)
+
+
+class _ScanLayer(nnx.Module):
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(6, 6, rngs=rngs)
+        self.proj = nnx.LinearGeneral(6, (2, 3), rngs=rngs)
+
+    def __call__(self, x):
+        return jax.nn.gelu(self.dense(x)) + self.proj(x).reshape(x.shape)
+
+
+class _ScanStack(nnx.Module):
+    """Layers built under nnx.vmap and run with nnx.scan (stacked parameters)."""
+
+    def __init__(self, n, rngs):
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return _ScanLayer(rngs)
+
+        self.layers = create(rngs)
+        self.head = nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, layer):
+            return layer(x)
+
+        return self.head(body(x, self.layers))
+
+
+def test_lora_on_scan_stacked_layers():
+    m, x = _ScanStack(3, nnx.Rngs(0)), jnp.ones((4, 6))
+    w = apply_plan(m, {"layers/dense": ("lora", 2), "layers/proj": ("lora", 1),
+                       "head": ("lora", 2)})
+    a = w.layers.dense.peft_lora_a[...]
+    assert a.shape == (3, 6, 2) and w.layers.proj.peft_lora_b.shape == (3, 1, 6)
+    assert not np.allclose(a[0], a[1])  # independent init per layer (split keys)
+    assert count_trainable(w) == 3 * 2 * (6 + 6) + 3 * 1 * (6 + 6) + 2 * (6 + 2)
+    assert np.array_equal(np.asarray(m(x)), np.asarray(w(x)))
+    perturb(w)
+    merged = merge(w)
+    assert merged.layers.dense.kernel.shape == (3, 6, 6)
+    np.testing.assert_allclose(merged(x), w(x), rtol=1e-5, atol=1e-4)

@@ -86,30 +86,33 @@ def _site_name(site):
 
 
 def lora_target_info(module: Any, site: str | None = None) -> dict[str, Any]:
-    """How LoRA wraps ``module``: ``{"kind", "fan_in", "fan_out", "kernel_name", "kernel_shape"}``.
+    """How LoRA wraps ``module``: ``{"kind", "fan_in", "fan_out", "kernel_name", "kernel_shape",
+    "stack"}``.
 
-    Raises ``ValueError`` naming the site when the module cannot carry LoRA.
+    ``fan_in`` / ``fan_out`` come from the module's declared features, so a module built under
+    ``nnx.vmap`` (layers stacked for ``nnx.scan``) whose kernel has extra leading axes is recognised:
+    ``stack`` is the tuple of those leading sizes (``()`` for an ordinary module) and the LoRA factors
+    get the same leading axes. Raises ``ValueError`` naming the site when the module cannot carry
+    LoRA.
     """
     where = _site_name(site)
     if isinstance(module, nnx.Linear):
-        shape = tuple(module.kernel.shape)
-        return dict(kind="linear", fan_in=shape[0], fan_out=shape[1], kernel_name="kernel",
-                    kernel_shape=shape)
-    if isinstance(module, nnx.LinearGeneral):
+        kind, name = "linear", "kernel"
+        fan_in, fan_out, unstacked = module.in_features, module.out_features, 2
+    elif isinstance(module, nnx.LinearGeneral):
         if len(module.batch_axis):
             raise ValueError(f"LoRA on {where}: LinearGeneral with batch_axis is not supported")
-        return dict(kind="general", fan_in=math.prod(module.in_features),
-                    fan_out=math.prod(module.out_features), kernel_name="kernel",
-                    kernel_shape=tuple(module.kernel.shape))
-    if isinstance(module, nnx.Einsum):
-        shape = tuple(module.kernel_shape)
-        return dict(kind="einsum", fan_in=shape[0], fan_out=math.prod(shape[1:]),
-                    kernel_name="kernel", kernel_shape=shape)
-    if isinstance(module, nnx.Embed):
-        shape = tuple(module.embedding.shape)
-        return dict(kind="embed", fan_in=shape[0], fan_out=shape[1], kernel_name="embedding",
-                    kernel_shape=shape)
-    if isinstance(module, nnx.Conv) and not isinstance(module, nnx.ConvTranspose):
+        kind, name = "general", "kernel"
+        fan_in, fan_out = math.prod(module.in_features), math.prod(module.out_features)
+        unstacked = len(module.in_features) + len(module.out_features)
+    elif isinstance(module, nnx.Einsum):
+        kind, name = "einsum", "kernel"
+        ks = tuple(module.kernel_shape)
+        fan_in, fan_out, unstacked = ks[0], math.prod(ks[1:]), len(ks)
+    elif isinstance(module, nnx.Embed):
+        kind, name = "embed", "embedding"
+        fan_in, fan_out, unstacked = module.num_embeddings, module.features, 2
+    elif isinstance(module, nnx.Conv) and not isinstance(module, nnx.ConvTranspose):
         if module.feature_group_count != 1:
             raise ValueError(f"LoRA on {where}: grouped convolutions are not supported")
         if module.mask is not None:
@@ -117,11 +120,27 @@ def lora_target_info(module: Any, site: str | None = None) -> dict[str, Any]:
         if isinstance(module.padding, str) and module.padding not in ("SAME", "VALID"):
             raise ValueError(f"LoRA on {where}: conv padding {module.padding!r} is not supported "
                              f"(SAME, VALID or explicit pairs are)")
-        shape = tuple(module.kernel.shape)
-        return dict(kind="conv", fan_in=math.prod(shape[:-1]), fan_out=shape[-1],
-                    kernel_name="kernel", kernel_shape=shape)
-    raise ValueError(f"LoRA cannot wrap {where} of type {type(module).__name__}: expected "
-                     f"nnx.Linear, LinearGeneral, Einsum, Embed or Conv")
+        kind, name = "conv", "kernel"
+        ks = tuple(module.kernel_size)
+        fan_in, fan_out, unstacked = math.prod(ks) * module.in_features, module.out_features, \
+            len(ks) + 2
+    else:
+        raise ValueError(f"LoRA cannot wrap {where} of type {type(module).__name__}: expected "
+                         f"nnx.Linear, LinearGeneral, Einsum, Embed or Conv")
+    shape = tuple(getattr(module, name).shape)
+    if len(shape) < unstacked:
+        raise ValueError(f"LoRA on {where}: {name} shape {shape} is inconsistent with the module")
+    return dict(kind=kind, fan_in=int(fan_in), fan_out=int(fan_out), kernel_name=name,
+                kernel_shape=shape, stack=shape[: len(shape) - unstacked])
+
+
+def _stacked_init(init: Callable, key: jax.Array, stack: tuple[int, ...], shape, dtype):
+    """``init`` for one layer, or independently per layer (split keys) for a stacked module."""
+    if not stack:
+        return _init(init, key, shape, dtype)
+    keys = jax.random.split(key, math.prod(stack))
+    flat = jax.vmap(lambda k: init(k, tuple(shape), dtype))(keys)
+    return flat.reshape(tuple(stack) + tuple(shape))
 
 
 class LoRA(nnx.Module):
@@ -154,16 +173,17 @@ class LoRA(nnx.Module):
         self.base_module = base_module
         self.kind = info["kind"]
         self.kernel_shape = info["kernel_shape"]
+        self.stack = info["stack"]
         self.rank = rank
         self.alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
         self.scale = F.lora_scale(alpha, rank, use_rslora)
         self.dtype = dtype
         self.site = site
-        self.peft_lora_a = LoRAWeight(_init(a_init, rngs.params(), (info["fan_in"], rank),
-                                             param_dtype))
-        self.peft_lora_b = LoRAWeight(_init(b_init, rngs.params(), (rank, info["fan_out"]),
-                                             param_dtype))
+        self.peft_lora_a = LoRAWeight(_stacked_init(a_init, rngs.params(), self.stack,
+                                                    (info["fan_in"], rank), param_dtype))
+        self.peft_lora_b = LoRAWeight(_stacked_init(b_init, rngs.params(), self.stack,
+                                                    (rank, info["fan_out"]), param_dtype))
         self.dropout = nnx.data(nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None)
 
     @property
@@ -212,11 +232,16 @@ class LoRA(nnx.Module):
                                        self.scale, dtype=self.dtype).astype(y.dtype)
 
     def merged_kernel(self) -> jax.Array:
-        """The base kernel plus the folded LoRA update, in the kernel's dtype."""
+        """The base kernel plus the folded LoRA update, in the kernel's dtype (per layer for a
+        stacked module)."""
         kernel = getattr(self.base_module, "embedding" if self.kind == "embed" else "kernel")[...]
-        delta = F.lora_delta_kernel(self.peft_lora_a[...].astype(jnp.float32),
-                                    self.peft_lora_b[...].astype(jnp.float32), self.scale,
-                                    kernel.shape)
+        a = self.peft_lora_a[...].astype(jnp.float32)
+        b = self.peft_lora_b[...].astype(jnp.float32)
+        n = len(self.stack) if a.ndim > 2 else 0
+        fn = functools.partial(F.lora_delta_kernel, scale=self.scale, kernel_shape=kernel.shape[n:])
+        for _ in range(n):
+            fn = jax.vmap(fn)
+        delta = fn(a, b)
         return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 
 
