@@ -36,7 +36,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from layerlens_jax.models import BertClassifier, BertConfig  # noqa: E402
-from layerlens_jax.peft import apply_plan, count_trainable, merge  # noqa: E402
+from layerlens_jax.peft import apply_plan, merge  # noqa: E402
 from layerlens_jax.sites import discover_sites, get_submodule, set_submodule  # noqa: E402
 from layerlens_jax.train import make_functional_train_step  # noqa: E402
 

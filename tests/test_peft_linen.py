@@ -189,3 +189,19 @@ def test_linen_adapter_on_setup_style_block():
     v = init_adapters(wrapped, jax.random.key(1), base, x)
     assert count_trainable(v) == (2 * 4 * 2 + 2 + 4) + (4 + 4)
     assert np.array_equal(np.asarray(model.apply(base, x)), np.asarray(wrapped.apply(v, x)))
+
+
+def test_linen_prefix_reparam_joint_parity(twins, batch):
+    nnx_model, linen_model, base_vars = twins
+    plan = {f"{L0}/attention/mha": ("prefix", 2), "encoder/layers_1/attention/mha": ("prefix", 3)}
+    opts = dict(prefix_reparam_hidden=5, prefix_mode="joint")
+    wrapped = apply_plan(linen_model, plan, **opts)
+    variables = init_adapters(wrapped, jax.random.key(0), base_vars, *batch)
+    nnx_wrapped = apply_plan(nnx_model, plan, **opts)
+    assert count_trainable(variables) == count_trainable(nnx_wrapped)
+    state = random_state(adapter_state(nnx_wrapped))
+    load_adapter_state(nnx_wrapped, state)
+    variables = load_adapter_state(wrapped, state, variables)
+    np.testing.assert_allclose(jax.jit(wrapped.apply)(variables, *batch),
+                               nnx.jit(lambda m, a, b: m(a, b))(nnx_wrapped, *batch),
+                               rtol=1e-5, atol=1e-6)

@@ -12,7 +12,6 @@ from flax import nnx
 from layerlens_jax.models import BertClassifier, BertConfig, MLP
 from layerlens_jax.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
                                 adapter_state, applied_plan, apply_plan, count_trainable, merge)
-from layerlens_jax.peft import functional as F
 from layerlens_jax.sites import discover_sites, get_submodule
 
 CFG = BertConfig.tiny()  # hidden 16, 2 heads (head_dim 8), FFN 32, vocab 50, 2 layers
@@ -418,4 +417,39 @@ def test_lora_on_scan_stacked_layers():
     perturb(w)
     merged = merge(w)
     assert merged.layers.dense.kernel.shape == (3, 6, 6)
-    np.testing.assert_allclose(merged(x), w(x), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(fwd(merged, x), fwd(w, x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [1, 3, 16])
+def test_trainable_count_equals_cost_model(model, batch, size):
+    """Every site x compatible method: the modules create exactly costs.trainable_params."""
+    costs = pytest.importorskip("layerlens_jax.costs")
+    sites = discover_sites(model, example=batch)
+    method_of = {"linear": "lora", "embedding": "lora", "block": "adapter", "attention": "prefix"}
+    checked = 0
+    for site in sites:
+        method = method_of.get(site.kind)
+        if method is None:
+            continue
+        w = nnx.eval_shape(lambda: apply_plan(model, {site.path: (method, size)}, sites=sites))
+        assert count_trainable(w) == costs.trainable_params(site, method, size), site.path
+        checked += 1
+    assert checked == len([s for s in sites if s.kind in method_of])
+    att = next(s for s in sites if s.kind == "attention")
+    w = nnx.eval_shape(lambda: apply_plan(model, {att.path: ("prefix", size)},
+                                          prefix_reparam_hidden=5))
+    assert count_trainable(w) == costs.trainable_params(att, "prefix", size, prefix_projection=5)
+
+
+def test_real_plan_object(model, batch):
+    plan_mod = pytest.importorskip("layerlens_jax.plan")
+    sites = discover_sites(model, example=batch)
+    assignments = {f"{L0}/attention/mha/query": ("lora", 4), f"{L0}/mlp": ("adapter", 8),
+                   f"{L0}/attention/mha": ("prefix", 2)}
+    try:
+        plan = plan_mod.Plan.from_assignments(sites, assignments)
+    except TypeError:
+        pytest.skip("Plan.from_assignments signature differs")
+    w = apply_plan(model, plan, sites=sites)
+    assert applied_plan(w) == assignments
+    assert np.array_equal(np.asarray(model(*batch)), np.asarray(w(*batch)))

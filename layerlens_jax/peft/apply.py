@@ -29,7 +29,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from layerlens_jax.peft.nnx_modules import (BASE_FILTER, PEFT_FILTER, PEFT_PREFIX, Adapter, LoRA,
+from layerlens_jax.peft.nnx_modules import (PEFT_FILTER, PEFT_PREFIX, Adapter, LoRA,
                                             PeftParam, Prefix, lora_target_info,
                                             prefix_target_info)
 from layerlens_jax.sites import Site, discover_sites, get_submodule, join_path, set_submodule, \
@@ -91,7 +91,8 @@ _OPTION_NAMES = {f.name for f in dataclasses.fields(PeftOptions)}
 def normalize_plan(plan: Any, **options) -> tuple[dict[str, tuple[str, int]], PeftOptions]:
     """``(assignments, options)`` from a Plan (``.assignments()`` + ``.peft_options``) or a mapping
     ``{site: (method, size)}`` (or ``{site: {"method": ..., "size": ...}}``). Keyword options
-    override the plan's ``peft_options``. Sites with method ``"none"`` are dropped."""
+    override the plan's ``peft_options`` (whose ``prefix_projection``, 0 = off, is read as
+    ``prefix_reparam_hidden``). Sites with method ``"none"`` are dropped."""
     if hasattr(plan, "assignments") and callable(plan.assignments):
         raw = plan.assignments()
         opts = dict(getattr(plan, "peft_options", None) or {})
@@ -100,6 +101,9 @@ def normalize_plan(plan: Any, **options) -> tuple[dict[str, tuple[str, int]], Pe
     else:
         raise TypeError(f"apply_plan expects a Plan or a mapping {{site: (method, size)}}, "
                         f"got {type(plan).__name__}")
+    if "prefix_projection" in opts:  # the Plan's name (0 = off) for the reparameterisation width
+        proj = opts.pop("prefix_projection")
+        opts.setdefault("prefix_reparam_hidden", int(proj) if proj else None)
     opts = {k: v for k, v in opts.items() if k in _OPTION_NAMES}
     unknown = set(options) - _OPTION_NAMES
     if unknown:
@@ -232,6 +236,7 @@ def apply_plan(model: Any, plan: Any, *, inplace: bool = False, example: Any = N
             module.attention_fn = nnx.data(Prefix(
                 size, info["num_heads"], info["head_dim"], base_fn=module.attention_fn,
                 mode=opts.prefix_mode, reparam_hidden=opts.prefix_reparam_hidden,
+                embed_features=getattr(module, "in_features", None),
                 param_dtype=opts.param_dtype, rngs=rngs, site=site))
     return target
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -207,12 +207,14 @@ class PeftLinen(nn.Module):
             base_kwargs = {k: v for k, v in given.items()
                            if (k in orig_params or accepts_var_kw) and (
                                v is not None or k in ("dtype", "precision"))}
-            pk, pv = self._prefix_kv(mod, size, key.shape[-2], key.shape[-1], opts)
+            pk, pv = self._prefix_kv(mod, size, key.shape[-2], key.shape[-1], d_in, opts)
             return F.prefix_attention(query, key, value, pk, pv, base_fn=orig, mode=opts.prefix_mode,
                                       mask=mask, is_causal=False, pass_is_causal=False,
                                       base_kwargs=base_kwargs)
 
         mod = module
+        inputs_q = args[0] if args else kwargs.get("inputs_q")
+        d_in = inputs_q.shape[-1]
         object.__setattr__(module, "attention_fn", prefix_fn)
         try:
             return next_fun(*args, **kwargs)
@@ -220,7 +222,7 @@ class PeftLinen(nn.Module):
             object.__setattr__(module, "attention_fn", orig)
 
     @nn.nowrap
-    def _prefix_kv(self, module, length, heads, head_dim, opts):
+    def _prefix_kv(self, module, length, heads, head_dim, d_in, opts):
         dt = opts.param_dtype
         shape = (length, heads, head_dim)
         if opts.prefix_reparam_hidden is None:
@@ -233,8 +235,8 @@ class PeftLinen(nn.Module):
         def w2_init(key, shape, dtype):
             return jnp.concatenate([lecun(key, (h, d), dtype), jnp.zeros((h, d), dtype)], axis=1)
 
-        e = _param(module, "peft_prefix_embed", nn.initializers.normal(0.02), (length, d), dt)
-        w1 = _param(module, "peft_prefix_mlp_w1", lecun, (d, h), dt)
+        e = _param(module, "peft_prefix_embed", nn.initializers.normal(0.02), (length, d_in), dt)
+        w1 = _param(module, "peft_prefix_mlp_w1", lecun, (d_in, h), dt)
         b1 = _param(module, "peft_prefix_mlp_b1", _zeros, (h,), dt)
         w2 = _param(module, "peft_prefix_mlp_w2", w2_init, (h, 2 * d), dt)
         b2 = _param(module, "peft_prefix_mlp_b2", _zeros, (2 * d,), dt)

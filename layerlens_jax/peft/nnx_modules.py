@@ -322,8 +322,11 @@ class Prefix(nnx.Module):
     ``qkv_features``) attributes (``num_kv_heads`` for grouped-query attention). Declare the module a
     prefix site with ``__layerlens_kind__ = "attention"``.
 
-    Trainable count: ``2 * length * kv_heads * head_dim``; with ``reparam_hidden=h`` (the MLP of Li &
-    Liang, an explicit option) it is ``length*D + D*h + h + h*2D + 2D`` with ``D = kv_heads*head_dim``.
+    Trainable count: ``2 * length * kv_heads * head_dim``; with ``reparam_hidden=m`` (the MLP of Li &
+    Liang, an explicit option) it is ``length*E + E*m + m + m*2D + 2D`` with ``D = kv_heads*head_dim``
+    and ``E = embed_features`` (the attention's input width when applied by ``apply_plan``; default
+    ``D``): a prefix embedding, then ``tanh`` MLP to keys and values. The value half of the last
+    layer starts at zero, so the ``parallel`` mode is still the identity at initialisation.
     """
 
     method = "prefix"
@@ -331,7 +334,7 @@ class Prefix(nnx.Module):
     def __init__(self, length: int, num_heads: int, head_dim: int, *,
                  base_fn: Callable[..., jax.Array] = nnx.dot_product_attention,
                  mode: str = "parallel", reparam_hidden: int | None = None,
-                 key_init: Callable = _prefix_key_init,
+                 embed_features: int | None = None, key_init: Callable = _prefix_key_init,
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs, site: str | None = None):
         if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
             raise ValueError(f"prefix length for {_site_name(site)} must be a positive int, "
@@ -352,10 +355,11 @@ class Prefix(nnx.Module):
             self.peft_prefix_value = PrefixWeight(jnp.zeros(shape, param_dtype))
         else:
             d, h = self.num_heads * self.head_dim, int(reparam_hidden)
+            e = int(embed_features or d)
             init = nnx.initializers.lecun_normal()
-            self.peft_prefix_embed = PrefixWeight(_init(key_init, rngs.params(), (length, d),
+            self.peft_prefix_embed = PrefixWeight(_init(key_init, rngs.params(), (length, e),
                                                       param_dtype))
-            self.peft_prefix_mlp_w1 = PrefixWeight(_init(init, rngs.params(), (d, h), param_dtype))
+            self.peft_prefix_mlp_w1 = PrefixWeight(_init(init, rngs.params(), (e, h), param_dtype))
             self.peft_prefix_mlp_b1 = PrefixWeight(jnp.zeros((h,), param_dtype))
             w2_keys = _init(init, rngs.params(), (h, d), param_dtype)  # value half zero: identity at init
             self.peft_prefix_mlp_w2 = PrefixWeight(
