@@ -13,7 +13,8 @@ All train steps use the same jit-compiled factory (``make_functional_train_step`
 state), AdamW, softmax cross-entropy. Timings interleave the variants being compared (A B A B ...)
 and report medians, so a noisy host affects both sides alike. "Peak memory" is XLA's compiled
 memory analysis of the step (arguments + outputs + temporaries - aliased), the number a device
-would need; on CPU no allocator high-water mark is available.
+would need; on CPU no allocator high-water mark is available. "GFLOP" is XLA's cost analysis of
+the compiled step (deterministic, unlike wall time on a shared host).
 
 Reproduce:  python scripts/bench_peft.py            (CPU, ~3-6 min)
             python scripts/bench_peft.py --batch 32 --seq 128 --repeats 20   (on a GPU)
@@ -77,6 +78,9 @@ class Stepper:
         j = self.step.jitted
         s = self.state
         compiled = j.lower(s.trainable, s.opt_state, s.other, s.step, s.frozen, batch).compile()
+        cost = compiled.cost_analysis()
+        cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+        self.gflops = cost.get("flops", float("nan")) / 1e9
         mem = compiled.memory_analysis()
         self.peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                            + mem.temp_size_in_bytes - mem.alias_size_in_bytes) if mem else None
@@ -176,17 +180,19 @@ def main(argv=None):
     full = steppers["full fine-tuning"]
     method_rows = []
     for name, st in steppers.items():
-        method_rows.append((name, st.trainable, times[name] * 1e3, times[name] / times["full fine-tuning"],
+        method_rows.append((name, st.trainable, times[name] * 1e3,
+                            times[name] / times["full fine-tuning"], st.gflops,
                             st.peak_bytes / 2**20, st.peak_bytes / full.peak_bytes))
 
     print("\n| comparison | setting | ratio | goal | times |")
     print("|---|---|---|---|---|")
     for name, setting, ratio, goal, detail in rows:
         print(f"| {name} | {setting} | {ratio:.3f}x | {goal} | {detail} |")
-    print("\n| method | trainable params | step ms | step / full FT | peak MiB | peak / full FT |")
-    print("|---|---|---|---|---|---|")
-    for name, n, ms, rt, mib, rm in method_rows:
-        print(f"| {name} | {n:,} | {ms:.1f} | {rt:.3f}x | {mib:.1f} | {rm:.3f}x |")
+    print("\n| method | trainable params | step ms | step / full FT | step GFLOP (XLA) | peak MiB "
+          "| peak / full FT |")
+    print("|---|---|---|---|---|---|---|")
+    for name, n, ms, rt, gf, mib, rm in method_rows:
+        print(f"| {name} | {n:,} | {ms:.1f} | {rt:.3f}x | {gf:.1f} | {mib:.1f} | {rm:.3f}x |")
     cmd = "python scripts/bench_peft.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if v != ap.get_default(k))
