@@ -231,7 +231,8 @@ def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       attendable (padding and causal masks restrict only the sequence keys); with zero-initialised
       prefix values the added term is exactly zero, so the model is the identity at initialisation.
       This is prefix tuning in the "parallel / gated" form of He et al. 2022 (Towards a unified view
-      of PEFT) and LLaMA-Adapter, with the gate folded into the values.
+      of PEFT) and LLaMA-Adapter, with the gate folded into the values. Attention dropout applies
+      to the sequence branch only.
     * ``"joint"``: Li & Liang's original form: one softmax over ``[prefix; keys]``. The user's mask
       (and ``is_causal``, made explicit with the prefix offset) is padded with ``True`` for the
       prefix columns, so prefix positions are always attendable and padded keys stay masked. Not
