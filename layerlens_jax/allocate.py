@@ -71,10 +71,17 @@ class SolverConfig(NamedTuple):
 
     sweeps: int = 3  # coordinate-descent sweeps over the multipliers
     bisect_steps: int = 18  # bisection steps per multiplier (log space, 9 decades)
-    dual_sites: int = 512  # fit the multipliers on at most this many sites (strided subsample)
+    dual_sites: int = 256  # fit the first multipliers on at most this many sites (strided subsample)
     thetas: tuple[float, ...] = (0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 2.0)  # refinement grid of scalings
     fill_rounds: int = 64  # greedy-fill rounds (each accepts at least one upgrade, or stops)
     margin: float = 2e-6  # keep float32 use this fraction below each budget
+    greedy_sites: int = 256  # up to this many sites: sequential greedy fill from every start
+    search_passes: int = 4  # and that many ruin-and-recreate local-search passes
+    search_variants: int = 4096  # try every (site, option) move when 2*S*O is at most this
+    candidate_thetas: tuple[float, ...] = (0.5, 0.8, 1.0, 1.25, 2.0)  # compression grid
+    refine_sweeps: int = 2  # dual refinement on the compressed matrix
+    refine_steps: int = 10
+    refine_span: float = 2.0  # warm-start bracket lam0 * exp(+-span)
 
 
 class Solution(NamedTuple):
@@ -105,8 +112,11 @@ def _use(cn, o):
     return jnp.take_along_axis(cn, o[None, :, None], 2)[..., 0].sum(1)
 
 
-def _dual(g, cn, sweeps, steps):
-    """Cyclic coordinate minimisation of the Lagrangian by bisection on each multiplier."""
+def _dual(g, cn, sweeps, steps, lam0=None, span=0.0):
+    """Cyclic coordinate minimisation of the Lagrangian by bisection on each multiplier.
+
+    The bracket of each multiplier spans 9 decades below a bound where every costly option loses;
+    with a warm start ``lam0`` it is ``lam0 * exp(+-span)`` for the positive entries."""
     R = cn.shape[0]
     ok = g > _NEG / 2
     gmin = jnp.min(jnp.where(ok, g, jnp.inf), axis=1)
@@ -115,6 +125,10 @@ def _dual(g, cn, sweeps, steps):
                        for r in range(R)])
     log_hi = jnp.log(2.0 * jnp.maximum(ratio, 1e-30))
     log_lo = log_hi - 9.0 * math.log(10.0)
+    if lam0 is not None:
+        centre = jnp.log(jnp.maximum(lam0, 1e-30))
+        log_lo = jnp.where(lam0 > 0, centre - span, log_lo)
+        log_hi = jnp.where(lam0 > 0, centre + span, log_hi)
 
     def coord(r, lam):
         u0 = _choose(g, cn, lam.at[r].set(0.0))[2][r]
@@ -131,11 +145,13 @@ def _dual(g, cn, sweeps, steps):
     def sweep(_, lam):
         return jax.lax.fori_loop(0, R, coord, lam)
 
-    return jax.lax.fori_loop(0, sweeps, sweep, jnp.zeros((R,), g.dtype))
+    init = jnp.zeros((R,), g.dtype) if lam0 is None else lam0
+    return jax.lax.fori_loop(0, sweeps, sweep, init)
 
 
-def _fill(g, cn, ok, cur, slack, cand, rounds):
-    """Greedy fill of the slack: parallel proposals, accepted in ratio order while they fit."""
+def _fill(g, cn, ok, cur, slack, cand, rounds, limit, by_gain=False):
+    """Greedy fill of the slack: parallel proposals, accepted in ratio order while they fit
+    (at most ``limit`` per round; ``limit = 1`` is the classic sequential greedy)."""
     S, O = g.shape
 
     def cond(state):
@@ -152,7 +168,7 @@ def _fill(g, cn, ok, cur, slack, cand, rounds):
         valid = fits & (dg > 1e-7) & jnp.take_along_axis(ok, cands, 1)
         weight = 1.0 / jnp.maximum(slack, 1e-12)
         denom = jnp.sum(weight[:, None, None] * jnp.maximum(dc, 0.0), axis=0)
-        ratio = jnp.where(valid, dg / (denom + 1e-30), -jnp.inf)
+        ratio = jnp.where(valid, jnp.where(by_gain, dg, dg / (denom + 1e-30)), -jnp.inf)
         kb = jnp.argmax(ratio, axis=1)
         vb = jnp.take_along_axis(valid, kb[:, None], 1)[:, 0]
         rb = jnp.take_along_axis(ratio, kb[:, None], 1)[:, 0]
@@ -160,6 +176,8 @@ def _fill(g, cn, ok, cur, slack, cand, rounds):
         order = jnp.argsort(-rb)
         cum = jnp.cumsum(jnp.maximum(dcb[:, order], 0.0), axis=1)
         take_sorted = vb[order] & jnp.all(cum <= slack[:, None], axis=0)
+        if limit < S:
+            take_sorted &= jnp.arange(S) < limit
         accept = jnp.zeros((S,), bool).at[order].set(take_sorted)
         new = jnp.take_along_axis(cands, kb[:, None], 1)[:, 0]
         cur = jnp.where(accept, new, cur)
@@ -170,12 +188,124 @@ def _fill(g, cn, ok, cur, slack, cand, rounds):
     return cur
 
 
+def _weighted(cn, lam):
+    w = lam[0] * cn[0]
+    for r in range(1, cn.shape[0]):
+        w = w + lam[r] * cn[r]
+    return w
+
+
+def _core(g, cn, ok, base, base_use, cap, lam, thetas, config, small):
+    """Primal phase on a sites x options matrix: Lagrangian choices over the theta grid, the best
+    one within budget (or the cheapest options) as start, then the greedy fill (small problems:
+    sequential greedy from every start, then local search). Returns (choice, best lam, values)."""
+    S, O = g.shape
+    choices, values, uses = jax.lax.map(lambda t: _choose(g, cn, lam * t), thetas)  # [K,S],[K],[K,R]
+    starts = jnp.concatenate([choices, base[None]], axis=0)
+    start_use = jnp.concatenate([uses, base_use[None]], axis=0)
+    start_obj = jnp.sum(jnp.take_along_axis(g[None], starts[..., None], 2)[..., 0], axis=1)
+    start_ok = jnp.all(start_use <= cap, axis=1)
+    if small:
+        slacks = jnp.where(start_ok[:, None], cap - start_use, cap - base_use)
+        starts = jnp.where(start_ok[:, None], starts, base[None])
+        fills = jax.vmap(lambda c, sl: _fill(g, cn, ok, c, sl, choices.T, 8 * S + 64, 1))(
+            starts, slacks)
+        objs = jnp.sum(jnp.take_along_axis(g[None], fills[..., None], 2)[..., 0], axis=1)
+        cur = fills[jnp.argmax(objs)]
+        cur = _local_search(g, cn, ok, cur, base, cap, choices.T, config.search_passes,
+                            config.search_variants)
+    else:
+        k0 = jnp.argmax(jnp.where(start_ok, start_obj, -jnp.inf))
+        cur = _fill(g, cn, ok, starts[k0], cap - start_use[k0], choices.T, config.fill_rounds, S)
+    kb = jnp.argmin(values)
+    return cur, lam * thetas[kb], values
+
+
+def _repair_down(g, cn, ok, cur, slack, base, fixed, rounds):
+    """Sequential repair of an over-budget assignment: downgrade (to the next lower or the cheapest
+    option) the site losing least gain per share of the excess it frees; ``fixed`` stays."""
+    S = g.shape[0]
+    ar = jnp.arange(S)
+
+    def cond(state):
+        return jnp.any(state[1] < 0) & (state[2] < rounds)
+
+    def body(state):
+        cur, slack, i = state
+        down = jnp.maximum(cur - 1, 0)
+        cands = jnp.stack([base, jnp.where(ok[ar, down], down, base)], axis=1)  # [S, 2]
+        dg = jnp.take_along_axis(g, cands, 1) - jnp.take_along_axis(g, cur[:, None], 1)
+        dc = (jnp.take_along_axis(cn, cands[None], 2)
+              - jnp.take_along_axis(cn, cur[None, :, None], 2))  # [R, S, 2]
+        excess = jnp.maximum(-slack, 0.0)
+        share = jnp.where(excess[:, None, None] > 0,
+                          jnp.maximum(-dc, 0.0) / jnp.maximum(excess, 1e-30)[:, None, None], 0.0)
+        freed = jnp.sum(share, axis=0)
+        valid = (freed > 0) & (ar != fixed)[:, None] & (cands != cur[:, None])
+        ratio = jnp.where(valid, -dg / freed, jnp.inf).reshape(-1)
+        j = jnp.argmin(ratio)
+        s_, k_ = j // 2, j % 2
+        ok_ = jnp.isfinite(ratio[j])
+        cur = jnp.where(ok_ & (ar == s_), cands[s_, k_], cur)
+        slack = slack - jnp.where(ok_, dc[:, s_, k_], 0.0)
+        return cur, slack, jnp.where(ok_, i + 1, rounds)
+
+    cur, slack, _ = jax.lax.while_loop(cond, body, (cur, slack, jnp.int32(0)))
+    return cur, slack
+
+
+def _local_search(g, cn, ok, cur, base, cap, cand, passes, max_variants):
+    """Ruin and recreate, for small problems: move one site to another option (every option when
+    ``2*S*O <= max_variants``, else its cheapest, next lower and next higher one), repair any excess
+    by greedy downgrades of the other sites, refill the slack greedily (by gain per capacity and,
+    separately, by plain gain); keep the best variant, repeat while it improves."""
+    S, O = g.shape
+
+    def objective(c):
+        return jnp.sum(jnp.take_along_axis(g, c[:, None], 1))
+
+    if 2 * S * O <= max_variants:
+        sites = jnp.repeat(jnp.arange(S), O)
+        to_fn = lambda cur: jnp.tile(jnp.arange(O), S)  # noqa: E731
+    else:
+        sites = jnp.concatenate([jnp.arange(S)] * 3)
+
+        def to_fn(cur):
+            down = jnp.maximum(cur - 1, 0)
+            return jnp.concatenate([base, jnp.where(ok[jnp.arange(S), down], down, base),
+                                    jnp.minimum(cur + 1, O - 1)])
+    sites = jnp.concatenate([sites, sites])
+    by_gain = jnp.arange(sites.shape[0]) >= sites.shape[0] // 2
+
+    def variant(cur, site, to, bg):
+        c = cur.at[site].set(to)
+        sl = cap - _use(cn, c)
+        c, sl = _repair_down(g, cn, ok, c, sl, base, site, 2 * S + 8)
+        feasible = ok[site, to] & jnp.all(sl >= 0)
+        c = _fill(g, cn, ok, c, jnp.maximum(sl, 0.0), cand, 4 * S + 16, 1, bg)
+        return jnp.where(feasible, c, cur)
+
+    def one_pass(state):
+        cur, _, i = state
+        to = jnp.concatenate([to_fn(cur), to_fn(cur)])
+        fills = jax.vmap(variant, in_axes=(None, 0, 0, 0))(cur, sites, to, by_gain)
+        objs = jax.vmap(objective)(fills)
+        k = jnp.argmax(objs)
+        better = objs[k] > objective(cur) + 1e-7
+        return jnp.where(better, fills[k], cur), better, i + 1
+
+    cur, _, _ = jax.lax.while_loop(lambda st: st[1] & (st[2] < passes), one_pass,
+                                   (cur, jnp.bool_(True), jnp.int32(0)))
+    return cur
+
+
 def _monotone(g, ok, cur, group):
     """Re-deal chosen options within each equal-cost group so that utility order = size order."""
     rowsum = jnp.sum(jnp.where(ok, g, 0.0), axis=1)  # proportional to utility within a group
     key = g[group, cur]  # gain of each chosen option on the group's representative row
-    by_site = jnp.lexsort((rowsum, group))
-    by_choice = jnp.lexsort((key, group))
+    idx = jnp.arange(cur.shape[0])
+    by_site = jax.lax.sort((group, rowsum, idx), num_keys=2)[2]
+    by_choice = jax.lax.sort((group, key, idx), num_keys=2)[2]
     return jnp.zeros_like(cur).at[by_site].set(cur[by_choice])
 
 
@@ -208,45 +338,54 @@ def lagrangian_allocate(gain: jax.Array, cost: jax.Array, mask: jax.Array, budge
                          f"mask {mask.shape}, budget {budget.shape}")
     group = jnp.arange(S) if group is None else jnp.asarray(group, jnp.int32)
 
-    cn = jnp.where(cost == 0, 0.0, cost / budget[:, None, None])
-    ok = mask & jnp.all(cn <= 1.0, axis=0)
-    cn = jnp.where(ok[None], cn, 0.0)
+    planes = [jnp.where(cost[r] == 0, 0.0, cost[r] / budget[r]) for r in range(R)]
+    ok = mask
+    for plane in planes:  # per-plane ops: XLA:CPU reduces slowly over a leading axis
+        ok = ok & (plane <= 1.0)
+    cn = jnp.stack([jnp.where(ok, plane, 0.0) for plane in planes])
     gmax = jnp.max(jnp.where(ok, gain, 0.0))
     gscale = jnp.where(gmax > 0, gmax, 1.0)
     g = jnp.where(ok, gain / gscale, _NEG)
     cap = 1.0 - config.margin
 
-    base = jnp.argmin(jnp.where(ok, jnp.sum(cn, axis=0), jnp.inf), axis=1)
+    base = jnp.argmin(jnp.where(ok, _weighted(cn, jnp.ones((R,), cn.dtype)), jnp.inf), axis=1)
     base_use = _use(cn, base)
     feasible = jnp.all(jnp.any(ok, axis=1)) & jnp.all(base_use <= cap)
 
     n = min(S, config.dual_sites)
-    if n < S:
-        idx = (np.arange(n) * S) // n
-        lam = _dual(g[idx], cn[:, idx] * (S / n), config.sweeps, config.bisect_steps)
-    else:
-        lam = _dual(g, cn, config.sweeps, config.bisect_steps)
-
+    idx = (np.arange(n) * S) // n  # evenly strided subsample (all sites when n == S)
+    # costs scaled by S/n on the subsample: its multipliers are the full problem's times n/S
+    lam = _dual(g[idx], cn[:, idx] * (S / n), config.sweeps, config.bisect_steps) * (S / n)
     thetas = jnp.asarray(config.thetas, jnp.float32)
-    choices, values, uses = jax.lax.map(lambda t: _choose(g, cn, lam * t), thetas)  # [K,S],[K],[K,R]
-    starts = jnp.concatenate([choices, base[None]], axis=0)
-    start_use = jnp.concatenate([uses, base_use[None]], axis=0)
-    start_obj = jnp.sum(jnp.take_along_axis(g[None], starts[..., None], 2)[..., 0], axis=1)
-    start_ok = jnp.all(start_use <= cap, axis=1)
-    k0 = jnp.argmax(jnp.where(start_ok, start_obj, -jnp.inf))
-    cur = starts[k0]
-    slack = cap - start_use[k0]
-
-    cur = _fill(g, cn, ok, cur, slack, choices.T, config.fill_rounds)
+    K = len(config.candidate_thetas) + 3
+    if S <= config.greedy_sites or O <= K:
+        if n < S:
+            lam = _dual(g, cn, config.refine_sweeps, config.refine_steps, lam, config.refine_span)
+        cur, lam, _ = _core(g, cn, ok, base, base_use, cap, lam, thetas, config, S <= config.greedy_sites)
+    else:
+        # compress the options to K candidates per site: argmax of g - theta*lam.c over a grid of
+        # theta, the neighbours of the theta=1 argmax and the cheapest option, in option order
+        w = _weighted(cn, lam)
+        firsts = [jnp.argmax(g - t * w, axis=1) for t in config.candidate_thetas]
+        o1 = firsts[len(firsts) // 2]
+        cand = jnp.stack(firsts + [jnp.maximum(o1 - 1, 0), jnp.minimum(o1 + 1, O - 1), base], axis=1)
+        cand = jnp.sort(cand, axis=1)
+        gc = jnp.take_along_axis(g, cand, 1)
+        okc = jnp.take_along_axis(ok, cand, 1)
+        gc = jnp.where(okc, gc, _NEG)
+        cc = jnp.take_along_axis(cn, cand[None], 2)
+        base_c = jnp.argmax(cand == base[:, None], axis=1)
+        lam = _dual(gc, cc, config.refine_sweeps, config.refine_steps, lam, config.refine_span)
+        cur_c, lam, _ = _core(gc, cc, okc, base_c, base_use, cap, lam, thetas, config, False)
+        cur = jnp.take_along_axis(cand, cur_c[:, None], 1)[:, 0]
+    _, value, _ = _choose(g, cn, lam)
     cur = _monotone(g, ok, cur, group)
     cur = jnp.where(feasible, cur, base).astype(jnp.int32)
 
-    kb = jnp.argmin(values)
-    lam_best = lam * thetas[kb]
-    lam_nat = jnp.where(jnp.isfinite(budget) & (budget > 0), lam_best * gscale / budget, 0.0)
+    lam_nat = jnp.where(jnp.isfinite(budget) & (budget > 0), lam * gscale / budget, 0.0)
     objective = jnp.sum(jnp.take_along_axis(gain, cur[:, None], 1))
     use = jnp.take_along_axis(cost, cur[None, :, None], 2)[..., 0].sum(1)
-    return Solution(cur, objective, values[kb] * gscale, lam_nat, use, feasible)
+    return Solution(cur, objective, value * gscale, lam_nat, use, feasible)
 
 
 # --------------------------------------------------------------------------- float64 helpers
@@ -274,7 +413,7 @@ def dual_value(gain: np.ndarray, cost: np.ndarray, mask: np.ndarray, budget: np.
 
 
 def solve_exact(gain: np.ndarray, cost: np.ndarray, mask: np.ndarray, budget: np.ndarray, *,
-                time_limit: float | None = None, mip_rel_gap: float = 1e-9):
+                time_limit: float | None = None, mip_rel_gap: float = 1e-6):
     """The same problem as a MILP (``scipy.optimize.milp``, HiGHS), arrays in, arrays out.
 
     Binary ``x[s,o]`` for every allowed option, one per site, resource rows normalised by their
@@ -663,7 +802,7 @@ def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float],
                    min_size: int | Mapping[str, int] | None = None,
                    max_size: int | Mapping[str, int] | None = None,
                    peft_options: Mapping[str, Any] | None = None,
-                   time_limit: float | None = None, mip_rel_gap: float = 1e-9) -> Plan:
+                   time_limit: float | None = None, mip_rel_gap: float = 1e-6) -> Plan:
     """The exact optimum of the problem :func:`allocate` solves (MILP, scipy HiGHS); same inputs.
 
     For small problems and tests: exponential in the worst case. ``dual_bound`` is HiGHS's bound.
