@@ -75,8 +75,9 @@ class SolverConfig(NamedTuple):
     thetas: tuple[float, ...] = (0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 2.0)  # refinement grid of scalings
     fill_rounds: int = 64  # greedy-fill rounds (each accepts at least one upgrade, or stops)
     margin: float = 2e-6  # keep float32 use this fraction below each budget
-    greedy_sites: int = 256  # up to this many sites: sequential greedy fill from every start
-    search_passes: int = 4  # and that many ruin-and-recreate local-search passes
+    greedy_sites: int = 64  # up to this many sites: sequential greedy fill from every start
+    search_sites: int = 64  # up to this many sites: ruin-and-recreate local search ...
+    search_passes: int = 4  # ... of at most this many passes
     search_variants: int = 4096  # try every (site, option) move when 2*S*O is at most this
     candidate_thetas: tuple[float, ...] = (0.5, 0.8, 1.0, 1.25, 2.0)  # compression grid
     refine_sweeps: int = 2  # dual refinement on the compressed matrix
@@ -212,8 +213,9 @@ def _core(g, cn, ok, base, base_use, cap, lam, thetas, config, small):
             starts, slacks)
         objs = jnp.sum(jnp.take_along_axis(g[None], fills[..., None], 2)[..., 0], axis=1)
         cur = fills[jnp.argmax(objs)]
-        cur = _local_search(g, cn, ok, cur, base, cap, choices.T, config.search_passes,
-                            config.search_variants)
+        if S <= config.search_sites:
+            cur = _local_search(g, cn, ok, cur, base, cap, choices.T, config.search_passes,
+                                config.search_variants)
     else:
         k0 = jnp.argmax(jnp.where(start_ok, start_obj, -jnp.inf))
         cur = _fill(g, cn, ok, starts[k0], cap - start_use[k0], choices.T, config.fill_rounds, S)

@@ -1,0 +1,176 @@
+"""Cost and gain models against hand-computed numbers."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layerlens_jax.costs import (RESOURCES, Catalogue, CostModel, GainModel, MethodSpec,
+                                 calibrate_latency, option_costs, option_mask, site_option_cost,
+                                 trainable_params)
+from layerlens_jax.models import BertClassifier, BertConfig
+from layerlens_jax.sites import Site, discover_sites
+
+
+@pytest.fixture(scope="module")
+def sites():
+    model = BertClassifier(BertConfig.tiny(), rngs=nnx.Rngs(0))
+    return {s.path: s for s in discover_sites(model, example=(jnp.zeros((2, 7), jnp.int32),))}
+
+
+def test_trainable_params_exact(sites):
+    q = sites["encoder/layers_0/attention/mha/query"]  # LinearGeneral 16 -> (2, 8)
+    assert trainable_params(q, "lora", 8) == 8 * (16 + 16)
+    assert trainable_params(sites["encoder/layers_0/mlp/intermediate"], "lora", 4) == 4 * (16 + 32)
+    assert trainable_params(sites["classifier"], "lora", 2) == 2 * (16 + 3)
+    assert trainable_params(sites["embeddings/word"], "lora", 2) == 2 * (50 + 16)
+    assert trainable_params(sites["encoder/layers_1/mlp"], "adapter", 4) == 2 * 16 * 4 + 4 + 16
+    mha = sites["encoder/layers_0/attention/mha"]
+    assert trainable_params(mha, "prefix", 3) == 2 * 3 * 2 * 8
+    assert trainable_params(mha, "prefix", 3, prefix_projection=5) == 3 * 16 + 16 * 5 + 5 + 5 * 32 + 32
+    assert trainable_params(q, "none", 0) == 0
+    conv = Site("conv", "conv", "Conv", {"kernel": (3, 3, 4, 8), "bias": (8,)}, 296, 36, 8)
+    assert trainable_params(conv, "lora", 2) == 2 * (36 + 8)
+
+
+def test_incompatible_and_unknown_methods_name_the_site(sites):
+    with pytest.raises(ValueError, match="embeddings/norm.*norm"):
+        trainable_params(sites["embeddings/norm"], "lora", 4)
+    with pytest.raises(ValueError, match="unknown method 'ia3'"):
+        trainable_params(sites["classifier"], "ia3", 4)
+    with pytest.raises(ValueError, match="classifier"):
+        site_option_cost(sites["classifier"], "adapter", 4)
+
+
+def test_cost_vector_hand_computed(sites):
+    all_sites = list(sites.values())
+    q = sites["encoder/layers_0/attention/mha/query"]
+    cm = CostModel(batch_size=8)
+    c = site_option_cost(q, "lora", 8, cm, sites=all_sites)
+    fwd = 2 * 8 * (16 + 16) + 2 * 16  # per position; n = T = 7
+    assert c["params"] == 256
+    assert c["train_flops"] == pytest.approx(3 * fwd)
+    assert c["infer_flops"] == 0.0 and c["latency"] == 0.0  # merged LoRA
+    # weights + grads + 2 adam slots (fp32) + saved activations (x and xA) for 8 x 7 positions
+    assert c["vram_bytes"] == pytest.approx(256 * (4 + 4 + 2 * 4) + 8 * 7 * (16 + 8) * 4)
+    unmerged = site_option_cost(q, "lora", 8, dataclasses.replace(cm, merge_lora=False), sites=all_sites)
+    assert unmerged["infer_flops"] == pytest.approx(fwd)
+    assert unmerged["latency"] == pytest.approx(3 * cm.latency_overhead_ms + 8 * 7 * fwd / cm.flops_per_ms)
+
+    # the classifier sees one position per example: per-token FLOPs scale by n / T = 1 / 7
+    cls = site_option_cost(sites["classifier"], "lora", 2, cm, sites=all_sites)
+    assert cls["train_flops"] == pytest.approx(3 * (2 * 2 * 19 + 2 * 3) / 7)
+
+    block = site_option_cost(sites["encoder/layers_0/mlp"], "adapter", 4, cm, sites=all_sites)
+    a_fwd = 4 * 16 * 4 + 2 * 4 + 2 * 16
+    assert block["params"] == 148
+    assert block["train_flops"] == pytest.approx(3 * a_fwd)
+    assert block["infer_flops"] == pytest.approx(a_fwd)
+    assert block["latency"] == pytest.approx(4 * cm.latency_overhead_ms + 8 * 7 * a_fwd / cm.flops_per_ms)
+    assert block["vram_bytes"] == pytest.approx(148 * 16 + 8 * 7 * (16 + 2 * 4) * 4)
+
+    pre = site_option_cost(sites["encoder/layers_0/attention/mha"], "prefix", 4, cm, sites=all_sites)
+    p_fwd = 4 * 4 * 2 * 8 + 3 * 4 * 2
+    assert pre["params"] == 2 * 4 * 2 * 8
+    assert pre["infer_flops"] == pytest.approx(p_fwd)
+    assert pre["vram_bytes"] == pytest.approx(128 * 16 + 8 * 7 * (4 * 2) * 4)
+
+    emb = site_option_cost(sites["embeddings/word"], "lora", 2, cm, sites=all_sites)
+    assert emb["params"] == 2 * 66
+    assert emb["train_flops"] == pytest.approx(3 * (2 * 2 * 16 + 2 * 16))
+    assert emb["vram_bytes"] == pytest.approx(132 * 16 + 8 * 7 * 2 * 4)
+
+
+def test_dtypes_and_optimizer_slots(sites):
+    q = sites["encoder/layers_0/attention/mha/value"]
+    cm = CostModel(batch_size=2, param_dtype="bfloat16", activation_dtype="bfloat16",
+                   optimizer="sgd", seq_len=7)
+    c = site_option_cost(q, "lora", 4, cm)
+    assert c["vram_bytes"] == pytest.approx(128 * (2 + 2) + 2 * 7 * (16 + 4) * 2)
+    cm = dataclasses.replace(cm, optimizer="adamw", optimizer_state_dtype="float32")
+    assert site_option_cost(q, "lora", 4, cm)["vram_bytes"] == pytest.approx(
+        128 * (2 + 2 + 2 * 4) + 2 * 7 * (16 + 4) * 2)
+
+
+def test_cost_model_validation():
+    with pytest.raises(ValueError, match="optimizer='sgdw'"):
+        CostModel(optimizer="sgdw")
+    with pytest.raises(ValueError, match="batch_size"):
+        CostModel(batch_size=0)
+    with pytest.raises(ValueError, match="param_dtype"):
+        CostModel(param_dtype="float99")
+    with pytest.raises(ValueError, match="flops_per_ms"):
+        CostModel(flops_per_ms=0.0)
+
+
+def test_missing_features_name_the_site():
+    block = Site("enc/block", "block", "Block", {}, 0)
+    with pytest.raises(ValueError, match="enc/block.*out_features"):
+        option_costs([block], [("none", 0), ("adapter", 8)])
+    # a site whose only options are 'none' needs no features
+    assert option_costs([block], [("none", 0)]).sum() == 0
+
+
+def test_catalogue_options_and_caps(sites):
+    cat = Catalogue.from_sizes(lora=(1, 4, 16, 32), adapter=(8, 32), prefix=(2,))
+    opts = cat.options()
+    assert opts == (("none", 0), ("lora", 1), ("lora", 4), ("lora", 16), ("lora", 32),
+                    ("adapter", 8), ("adapter", 32), ("prefix", 2))
+    order = ["classifier", "encoder/layers_0/attention/mha/query", "encoder/layers_0/mlp",
+             "encoder/layers_0/attention/mha", "embeddings/norm"]
+    mask = option_mask([sites[p] for p in order], opts, cat)
+    np.testing.assert_array_equal(mask, [
+        [1, 1, 0, 0, 0, 0, 0, 0],  # 16 -> 3: ranks above 3 add nothing
+        [1, 1, 1, 1, 0, 0, 0, 0],  # 16 -> 16
+        [1, 0, 0, 0, 0, 1, 0, 0],  # block of width 16: bottleneck <= 16
+        [1, 0, 0, 0, 0, 0, 0, 1],
+        [1, 0, 0, 0, 0, 0, 0, 0],
+    ])
+    with pytest.raises(ValueError, match="unknown method 'ia3'"):
+        MethodSpec("ia3", (1,))
+    with pytest.raises(ValueError, match="cannot attach to 'norm'"):
+        MethodSpec("lora", (1,), kinds=("norm",))
+    with pytest.raises(ValueError, match="positive ints"):
+        MethodSpec("lora", (0, 2))
+    assert cat.with_sizes({"lora": [5]}).method("lora").sizes == (1, 4, 5, 16, 32)
+
+
+def test_gain_model_concave_increasing():
+    k = np.arange(0, 129, dtype=float)
+    for sat in ("hyperbolic", "exp", "log"):
+        gm = GainModel(saturation=sat)
+        opts = [("none", 0)] + [("lora", int(x)) for x in k[1:]]
+        shape = gm.shape(opts)
+        assert shape[0] == 0
+        assert np.all(np.diff(shape) > 0)
+        assert np.all(np.diff(shape, 2) <= 1e-15)  # concave on the integer grid
+        g = gm.gain(np.array([0.5, 1.0]), opts)
+        np.testing.assert_allclose(g[0], 0.5 * shape)
+    gm = GainModel()
+    assert gm.shape([("lora", 8)])[0] == pytest.approx(1.0 * 8 / (8 + 8))
+    assert gm.shape([("adapter", 16)])[0] == pytest.approx(0.9 * 0.5)
+    with pytest.raises(ValueError, match="saturation"):
+        GainModel(saturation="linear")
+    with pytest.raises(ValueError, match="scale\\['lora'\\]"):
+        GainModel(scale={"lora": 0.0})
+
+
+def test_option_costs_shape_and_consistency(sites):
+    all_sites = list(sites.values())
+    cat = Catalogue()
+    opts = cat.options()
+    costs = option_costs(all_sites, opts, CostModel(), mask=option_mask(all_sites, opts, cat))
+    assert costs.shape == (len(all_sites), len(opts), len(RESOURCES))
+    i = list(sites).index("encoder/layers_1/attention/mha/key")
+    j = opts.index(("lora", 6))
+    assert dict(zip(RESOURCES, costs[i, j])) == site_option_cost(
+        all_sites[i], "lora", 6, sites=all_sites)
+    assert (costs[:, 0] == 0).all()
+
+
+def test_calibrate_latency_fits_positive_coefficients():
+    cm = calibrate_latency(CostModel(), widths=(32, 64), sizes=(2, 8), tokens=64, repeats=2)
+    assert cm.flops_per_ms > 0 and cm.latency_overhead_ms >= 0
+    assert cm.batch_size == CostModel().batch_size
