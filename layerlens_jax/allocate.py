@@ -411,7 +411,7 @@ def dual_value(gain: np.ndarray, cost: np.ndarray, mask: np.ndarray, budget: np.
     ok = _allowed(cost, mask, budget)
     score = gain - np.tensordot(lam, cost, axes=(0, 0))
     score = np.where(ok, score, -np.inf).max(axis=1)
-    return float(score.sum() + np.sum(np.where(np.isfinite(budget), lam * budget, 0.0)))
+    return float(score.sum() + np.sum(lam * np.where(np.isfinite(budget), budget, 0.0)))
 
 
 def solve_exact(gain: np.ndarray, cost: np.ndarray, mask: np.ndarray, budget: np.ndarray, *,
