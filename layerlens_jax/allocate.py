@@ -9,22 +9,29 @@ The problem is a multiple-choice, multi-resource knapsack over a sites x options
 :func:`lagrangian_allocate` solves it in XLA, jit-compiled, with no Python loop over sites:
 
 1. **Normalise.** Costs in fractions of each budget (``c / B``), gains by their maximum. Options that
-   alone exceed a budget are dropped.
+   alone exceed a budget are dropped. The *base* option of a site is its cheapest allowed one.
 2. **Dual.** The Lagrangian ``L(lam) = sum_s max_o (g[s,o] - lam . c[:,s,o]) + sum_r lam_r`` is an upper
-   bound on the optimum for every ``lam >= 0`` (weak duality). Its minimiser is found by cyclic
-   coordinate descent: for each resource, the multiplier where that resource's use under the per-site
-   argmax crosses the budget, by bisection in log space. Above ``dual_sites`` sites the multipliers are
-   fitted on an evenly strided subsample with costs scaled by ``S/n`` (the dual is an average over
-   sites), then refined on the whole matrix by a grid of scalings ``theta * lam``.
-3. **Primal.** The per-site argmax at each ``theta * lam`` is a candidate assignment; the best one
-   within every budget (or the all-minimum assignment) is the start of a **greedy fill** of the slack:
-   each site proposes its best upgrade (to one of its candidate options or the next option in the
-   catalogue) by gain per unit of remaining capacity ``dg / sum_r (dc_r / slack_r)``; proposals are
-   taken in that order while the running sum of their positive cost increments fits every budget.
-4. **Monotone repair.** Sites with identical cost rows and allowed options form a group in which the
+   bound on the optimum for every ``lam >= 0`` (weak duality). It is minimised by cyclic coordinate
+   descent: for each resource, the multiplier where that resource's use under the per-site argmax
+   crosses the budget, by bisection in log space. Above ``dual_sites`` sites the multipliers are first
+   fitted on an evenly strided subsample whose costs are scaled by ``S/n`` (the dual is an average over
+   sites; its multipliers are the full problem's times ``n/S``).
+3. **Compression** (above ``greedy_sites`` sites, when there are more options than candidates): each
+   site keeps ``K`` candidate options, the argmax of ``g - theta * lam . c`` over a grid of ``theta``,
+   the neighbours of the ``theta = 1`` argmax and the base, in option order; the multipliers are then
+   refined on the whole ``S x K`` matrix (warm-started bisection). Every later step runs on it.
+4. **Primal.** The per-site argmax at each ``theta * lam`` is a candidate assignment; the best one within
+   every budget (or the base assignment) starts a **greedy fill** of the slack: each site proposes its
+   best upgrade (to one of its candidate options or the next option) by gain per unit of remaining
+   capacity ``dg / sum_r (dc_r / slack_r)``; proposals are taken in that order while the running sum of
+   their positive cost increments fits every budget. Up to ``greedy_sites`` sites the fill is the
+   sequential greedy, run from every start, then a ruin-and-recreate **local search** moves one site
+   to any option, repairs an excess by the cheapest downgrades of the others and refills.
+5. **Monotone repair.** Sites with identical cost rows and allowed options form a group in which the
    gain rows are proportional to utility; within each group the chosen options are re-dealt so the
-   larger utility gets the larger option (the rearrangement inequality: same cost, gain never lower).
-5. The result carries ``dual_bound = min_theta L(theta * lam)``: ``objective <= optimum <= dual_bound``.
+   larger utility gets the larger option (the rearrangement inequality: same costs, gain never lower).
+   Hence sizes are monotone in utility among sites of equal cost structure, exactly.
+6. The result carries ``dual_bound = L(lam)`` on the full matrix: ``objective <= optimum <= dual_bound``.
 
 The function is pure and vmappable over budgets (:func:`allocate_curve`). :func:`allocate` is the
 public entry that builds the matrices from sites, utility and a :class:`~layerlens_jax.costs.CostModel`,
@@ -72,7 +79,7 @@ class SolverConfig(NamedTuple):
     sweeps: int = 3  # coordinate-descent sweeps over the multipliers
     bisect_steps: int = 18  # bisection steps per multiplier (log space, 9 decades)
     dual_sites: int = 256  # fit the first multipliers on at most this many sites (strided subsample)
-    thetas: tuple[float, ...] = (0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 2.0)  # refinement grid of scalings
+    thetas: tuple[float, ...] = (0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 2.0)  # primal starts: theta * lam
     fill_rounds: int = 64  # greedy-fill rounds (each accepts at least one upgrade, or stops)
     margin: float = 2e-6  # keep float32 use this fraction below each budget
     greedy_sites: int = 64  # up to this many sites: sequential greedy fill from every start
