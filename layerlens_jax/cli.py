@@ -100,7 +100,7 @@ def _save_head(path: Path, model, head) -> None:
     from flax import nnx
 
     from layerlens_jax.pipeline import _head_filter
-    from layerlens_jax.profile import _flat
+    from layerlens_jax.sites import flatten_paths as _flat
 
     flat = {k: np.asarray(v) for k, v in _flat(nnx.state(model, _head_filter(head))
                                                  .to_pure_dict()).items()}
@@ -117,7 +117,7 @@ def _load_head(path: Path, model, head) -> None:
     from flax import nnx
 
     from layerlens_jax.pipeline import _head_filter
-    from layerlens_jax.profile import _flat
+    from layerlens_jax.sites import flatten_paths as _flat
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `layerlens train` first")

@@ -54,7 +54,8 @@ from flax import linen as nn
 from flax import nnx
 from flax import struct
 
-from layerlens_jax.sites import Site, discover_sites, get_submodule, join_path, set_submodule
+from layerlens_jax.sites import (Site, discover_sites, flatten_paths as _flat, get_submodule,
+                                 join_path, set_submodule)
 
 __all__ = ["LayerStats", "ProfileStep", "profile", "sampled_label_loss"]
 
@@ -252,12 +253,12 @@ def _own_param_names_nnx(module) -> list[str]:
     return sorted(k for k, v in vars(module).items() if isinstance(v, nnx.Param))
 
 
-def _trailing(axis, ndim_hint=None) -> bool:
+def _trailing(axis) -> bool:
     axis = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
     return all(a < 0 for a in axis) and tuple(sorted(axis)) == tuple(range(-len(axis), 0))
 
 
-def _rule_for_nnx(module, path, own) -> Any:
+def _rule_for_nnx(module, own) -> Any:
     shapes = {k: tuple(getattr(module, k).value.shape) for k in own}
     if isinstance(module, (nnx.Linear, nnx.LinearGeneral)) and set(own) <= {"kernel", "bias"} \
             and "kernel" in own:
@@ -283,7 +284,7 @@ def _nnx_units(model: nnx.Module, sites: list[Site]) -> dict[str, _Unit]:
         own = _own_param_names_nnx(module)
         if not own or not any(_under(path, s.path) for s in sites):
             continue
-        rule = _rule_for_nnx(module, path, own)
+        rule = _rule_for_nnx(module, own)
         units[path] = _Unit(path, rule, tuple(_child(path, k) for k in own))
     return units
 
@@ -294,13 +295,6 @@ def _under(path: str, site_path: str) -> bool:
 
 def _child(path: str, name: str) -> str:
     return f"{path}/{name}" if path else name
-
-
-def _flat(tree) -> dict[str, Any]:
-    out = {}
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out[join_path(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in keypath)] = leaf
-    return out
 
 
 # ----------------------------------------------------------------------------- the engine

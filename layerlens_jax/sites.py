@@ -38,6 +38,7 @@ __all__ = [
     "get_submodule",
     "set_submodule",
     "join_path",
+    "flatten_paths",
 ]
 
 KINDS = ("linear", "attention", "block", "embedding", "norm", "conv")
@@ -160,15 +161,17 @@ def set_submodule(model: nnx.Module, path: str, value: Any) -> None:
 # -------------------------------------------------------------------------------- discovery
 
 
-def _shape_dict(tree: Any) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+def flatten_paths(tree: Any) -> dict[str, Any]:
+    """``{"a/b/c": leaf}`` for a pytree of dicts / lists / dataclasses (``/``-joined key paths)."""
     out = {}
-    for keypath, leaf in leaves:
-        parts = []
-        for k in keypath:
-            parts.append(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-        out[join_path(parts)] = tuple(int(s) for s in np.shape(leaf))
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out[join_path(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+                      for k in keypath)] = leaf
     return out
+
+
+def _shape_dict(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(int(s) for s in np.shape(v)) for k, v in flatten_paths(tree).items()}
 
 
 def _features_from_params(kind: str, module: Any, shapes: Mapping[str, tuple[int, ...]]):

@@ -40,7 +40,7 @@ from layerlens_jax.config import load_config
 from layerlens_jax.pipeline import (_mean_loss, evaluate_accuracy, make_plans, prepare,
                                     run_profile, train_variant, write_json)
 
-MAX_LENGTH = {"trec6": 32, "movie_sentiment": 64}
+MAX_LENGTH = {"trec6": 32, "movie_sentiment": 48}  # ~95-99th percentile lengths
 
 
 def _cfg(task: str, args, scale: float = 1.0):

@@ -65,7 +65,7 @@ def reference_stats(per_example_grad, batches, sites):
 
 
 def _flat(tree):
-    from layerlens_jax.profile import _flat as f
+    from layerlens_jax.sites import flatten_paths as f
     return f(tree)
 
 
