@@ -8,10 +8,13 @@ under budgets, apply them without editing the model, train, merge and validate.
     model = apply_plan(model, plan)                     # wraps the sites; only adapters train
 """
 
+from layerlens_jax.allocate import allocate, allocate_curve, allocate_exact
 from layerlens_jax.checkpoint import CheckpointError, restore_adapters, save_adapters
+from layerlens_jax.costs import Catalogue, CostModel, GainModel, calibrate_latency
 from layerlens_jax.models import BertClassifier, BertConfig, LinenBertClassifier
 from layerlens_jax.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
                                 apply_plan, count_trainable, merge)
+from layerlens_jax.plan import Plan, SiteAllocation, load_plan, plan_metrics, save_plan, to_peft_config
 from layerlens_jax.profile import LayerStats, ProfileStep, profile, sampled_label_loss
 from layerlens_jax.sites import KINDS, Site, discover_sites, register_site_kind, site_kind_of
 from layerlens_jax.train import make_functional_train_step, make_optimizer, make_train_step
@@ -27,4 +30,7 @@ __all__ = [
     "LoRA", "Adapter", "Prefix", "PeftParam", "PEFT_FILTER", "BASE_FILTER", "apply_plan", "merge",
     "count_trainable", "make_optimizer", "make_train_step", "make_functional_train_step",
     "save_adapters", "restore_adapters", "CheckpointError",
+    "allocate", "allocate_exact", "allocate_curve", "Catalogue", "CostModel", "GainModel",
+    "calibrate_latency", "Plan", "SiteAllocation", "load_plan", "save_plan", "plan_metrics",
+    "to_peft_config",
 ]
