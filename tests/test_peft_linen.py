@@ -12,18 +12,9 @@ from layerlens_jax.models import (BertClassifier, BertConfig, LinenBertClassifie
 from layerlens_jax.peft import (PeftLinen, adapter_state, applied_plan, apply_plan,
                                 count_trainable, init_adapters, load_adapter_state, merge)
 
+from plans import L0, MIXED
+
 CFG = BertConfig.tiny()
-L0 = "encoder/layers_0"
-MIXED = {
-    f"{L0}/attention/mha/query": ("lora", 2),
-    f"{L0}/attention/mha/out": ("lora", 3),
-    f"{L0}/attention/mha": ("prefix", 3),
-    f"{L0}/attention": ("adapter", 4),
-    "encoder/layers_1/mlp/intermediate": ("lora", 3),
-    "encoder/layers_1/mlp": ("adapter", 2),
-    "embeddings/word": ("lora", 2),
-    "classifier": ("lora", 1),
-}
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ from layerlens_jax.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, PeftPar
                                 adapter_state, applied_plan, apply_plan, count_trainable, merge)
 from layerlens_jax.sites import discover_sites, get_submodule
 
+from plans import L0, MIXED
+
 CFG = BertConfig.tiny()  # hidden 16, 2 heads (head_dim 8), FFN 32, vocab 50, 2 layers
 H, NH, HD, FFN, V = 16, 2, 8, 32, 50
-L0 = "encoder/layers_0"
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +49,6 @@ def perturb(m, seed=1, scale=0.3):
     return m
 
 
-MIXED = {
-    f"{L0}/attention/mha/query": ("lora", 2),
-    f"{L0}/attention/mha/out": ("lora", 3),
-    f"{L0}/attention/mha": ("prefix", 3),
-    f"{L0}/attention": ("adapter", 4),
-    "encoder/layers_1/mlp/intermediate": ("lora", 3),
-    "encoder/layers_1/mlp": ("adapter", 2),
-    "embeddings/word": ("lora", 2),
-    "classifier": ("lora", 1),
-}
 
 
 # ------------------------------------------------------------------ identity at init
