@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -111,20 +112,25 @@ def plot_curves(results: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _demote(md: str) -> str:
+    """Push every Markdown heading one level down (a section's "# Title" becomes "## Title")."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in md.splitlines())
+
+
 def write_report(path: Path, *, title: str, config: Mapping[str, Any], stats_json: Mapping,
                  utility_md: str, plan_sections: Mapping[str, str], comparison_md: str | None,
                  verdict: str | None, images: Sequence[str]) -> Path:
     lines = [f"# {title}", "", "## Utility Score Validation", "", utility_md, ""]
     lines += [f"Profiled {len(stats_json['sites'])} sites on {stats_json['num_examples']} examples "
               f"({stats_json['num_tokens']} tokens, {stats_json['num_batches']} batches).", ""]
-    for name, md in plan_sections.items():
-        lines += [f"## Plan `{name}`", "", md, ""]
+    for md in plan_sections.values():
+        lines += [_demote(md), ""]
     if comparison_md:
         lines += ["## Task Performance", "", comparison_md, ""]
         if verdict:
             lines += [verdict, ""]
     lines += ["## Plots", ""] + [f"![{Path(i).stem}]({Path(i).name})" for i in images] + [""]
-    lines += ["## Configuration", "", "```json", __import__("json").dumps(config, indent=2), "```", ""]
+    lines += ["## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines))
