@@ -48,6 +48,8 @@ def _cfg(task: str, args, scale: float = 1.0):
                  "train.steps": args.steps, "train.eval_every": max(args.steps // 3, 1),
                  "budget.scale": scale, "profile.batches": args.profile_batches,
                  "run.output_dir": str(Path(args.out) / task)}
+    from layerlens_jax.cli import _parse_set
+    overrides.update(_parse_set(args.set))  # explicit --set wins
     return load_config(args.config, overrides)
 
 
@@ -124,6 +126,8 @@ def main():
     ap.add_argument("--predictive-steps", type=int, default=20)
     ap.add_argument("--out", default="runs/validation")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override, as for `layerlens` (e.g. utility.transform='sqrt')")
     args = ap.parse_args()
 
     out = Path(args.out)
