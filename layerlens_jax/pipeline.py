@@ -93,10 +93,6 @@ class Prepared:
     build_model: Callable[[int], BertClassifier]  # head seed -> fresh model (pretrained encoder)
     sizes: dict[str, int]
 
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.cfg.run.output_dir)
-
     def example(self) -> dict[str, Any]:
         b = {k: v[:2] for k, v in self.arrays["train"].items()}
         return {"args": (b["input_ids"],), "kwargs": {"attention_mask": b["attention_mask"]}}
