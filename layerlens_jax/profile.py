@@ -365,14 +365,14 @@ class ProfileStep:
         build = _build_nnx if is_nnx else _build_linen
         forward_losses, unit_paths, param_paths, self._params, self._rest = build(
             model, variables, list(self.sites))
-        self._step = _make_step(forward_losses, loss_fn, sample_loss_fn, unit_paths, param_paths,
+        self._step = _make_step(forward_losses, loss_fn, sample_loss_fn, unit_paths,
                                 _infer_batch_size(first_batch), example_mask_key, token_mask_key)
         self.site_unit, self.site_leaf = _membership(self.sites, unit_paths, param_paths)
         self._site_unit = jnp.asarray(self.site_unit, jnp.float32)
         self._site_leaf = jnp.asarray(self.site_leaf, jnp.float32)
 
     def __call__(self, batch, key=None):
-        grads, _, _, fisher, gsq, fisher_s, ex, tok = self._step(
+        grads, fisher, gsq, fisher_s, ex, tok = self._step(
             self._params, self._rest, batch, key, self._site_unit, self._site_leaf)
         return grads, fisher, gsq, fisher_s, ex, tok
 
@@ -456,7 +456,7 @@ def profile(
         n_batches += 1
     if n_ex <= 0:
         raise ValueError("profile saw no examples (every example_mask was 0)")
-    leaf_sq = np.asarray(_leaf_sq(grad_acc), np.float64)
+    leaf_sq = np.asarray(_leaf_sq_jit(grad_acc), np.float64)
     grad_norm = np.sqrt(step.site_leaf @ leaf_sq) / n_ex
     _check_finite(n_batches - 1, paths, {"grad_norm": grad_norm})
     return LayerStats(grad_norm=grad_norm, fisher_trace=fisher / n_ex,
@@ -470,20 +470,21 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-@jax.jit
 def _leaf_sq(tree):
+    """Sum of squares of every leaf, in tree-flattening order (the order of ``param_paths``)."""
     return jnp.stack([jnp.sum(jnp.square(l.astype(jnp.float32))) for l in jax.tree.leaves(tree)])
 
 
-def _reduce(unit_paths, param_paths, sinks_grad, sinks_grad_s, param_grads, site_unit, site_leaf):
-    unit_sq = jnp.stack([jnp.sum(sinks_grad[u]) for u in unit_paths])
-    unit_sq_s = None if sinks_grad_s is None else jnp.stack(
-        [jnp.sum(sinks_grad_s[u]) for u in unit_paths])
-    flat = _flat(param_grads)
-    leaf_sq = jnp.stack([jnp.sum(jnp.square(flat[p].astype(jnp.float32))) for p in param_paths])
-    site_fisher = site_unit @ unit_sq
-    site_fisher_s = None if unit_sq_s is None else site_unit @ unit_sq_s
-    return unit_sq, unit_sq_s, site_fisher, site_leaf @ leaf_sq, site_fisher_s
+_leaf_sq_jit = jax.jit(_leaf_sq)
+
+
+def _reduce(sinks_grad, sinks_grad_s, param_grads, unit_paths, site_unit, site_leaf):
+    """Per-site Fisher sums, squared gradient norms and sampled Fisher sums of one batch."""
+    def fisher(sinks):
+        return None if sinks is None else site_unit @ jnp.stack(
+            [jnp.sum(sinks[u]) for u in unit_paths])
+
+    return fisher(sinks_grad), site_leaf @ _leaf_sq(param_grads), fisher(sinks_grad_s)
 
 
 def _build_nnx(model, variables, sites):
@@ -530,7 +531,7 @@ def _checked_losses(losses, n):
     return losses
 
 
-def _make_step(forward_losses, loss_fn, sample_loss_fn, unit_paths, param_paths, n, ex_key,
+def _make_step(forward_losses, loss_fn, sample_loss_fn, unit_paths, n, ex_key,
                tok_key):
     """The jitted per-batch function: one backward pass for gradients and per-example norms."""
     sinks0 = {u: jnp.zeros((n,), jnp.float32) for u in unit_paths}
@@ -548,11 +549,11 @@ def _make_step(forward_losses, loss_fn, sample_loss_fn, unit_paths, param_paths,
                                                       sample_loss_fn, key)
         if isinstance(param_grads, nnx.State):
             param_grads = param_grads.to_pure_dict()
-        reduced = _reduce(unit_paths, param_paths, sink_grads, sink_grads_s, param_grads,
-                          site_unit, site_leaf)
+        reduced = _reduce(sink_grads, sink_grads_s, param_grads, unit_paths, site_unit,
+                          site_leaf)
         return (param_grads, *reduced, jnp.sum(w), tokens)
 
-    return jax.jit(step, static_argnums=())
+    return jax.jit(step)
 
 
 def _infer_batch_size(first) -> int:
