@@ -152,6 +152,8 @@ def run_profile(prep: Prepared, *, progress: bool = True) -> tuple[LayerStats, n
 
     cfg = prep.cfg
     model = prep.build_model(cfg.run.seed)
+    if cfg.profile.head_warmup_steps:
+        warm_up_head(prep, model, cfg.profile.head_warmup_steps)
     sites = adaptable_sites(model, prep)
     batches = iterate_batches(prep.arrays["train"], cfg.data.batch_size, seed=cfg.run.seed,
                               epoch=10_000)  # an order of its own, not a training epoch's
@@ -164,6 +166,32 @@ def run_profile(prep: Prepared, *, progress: bool = True) -> tuple[LayerStats, n
     ucfg = UtilityConfig(**dataclasses.asdict(cfg.utility))
     u = utility(stats, ucfg)
     return stats, u, utility_report(stats, u)
+
+
+def warm_up_head(prep: Prepared, model, steps: int) -> None:
+    """Train only the task head of ``model`` (in place) for ``steps`` Adam steps on training
+    batches, so that profiling sees gradients through a head that already separates the classes
+    rather than through a random one. Used for profiling only: every variant still trains from the
+    fresh head of its seed."""
+    from layerlens_jax.data import iterate_batches
+    from layerlens_jax.train import make_functional_train_step, write_back
+
+    cfg = prep.cfg
+    step, state = make_functional_train_step(model, optax.adam(cfg.train.head_learning_rate),
+                                             _mean_loss, wrt=_head_filter(cfg.train.head))
+
+    def batches():
+        epoch = 20_000  # an order of its own, neither profiling's nor a training epoch's
+        while True:
+            yield from iterate_batches(prep.arrays["train"], cfg.data.batch_size,
+                                       seed=cfg.run.seed, epoch=epoch, drop_remainder=True)
+            epoch += 1
+
+    for _, batch in zip(range(steps), batches()):
+        state, metrics = step(state, batch)
+    if not math.isfinite(float(metrics["loss"])):
+        raise FloatingPointError(f"head warm-up diverged: loss {float(metrics['loss'])}")
+    write_back(model, state)
 
 
 def _is_head(path: str, head: tuple[str, ...]) -> bool:
@@ -204,9 +232,10 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray) -> dict[str, An
 
     b, a = cfg.budget, cfg.allocate
     peft_options = {"lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora}
+    reference_options = {"lora_alpha": b.reference_alpha, "use_rslora": False}
     uniform = Plan.from_assignments(
         sites, uniform_assignments(sites, "lora", b.reference_rank, b.reference_targets), u,
-        peft_options=peft_options, metadata={"variant": "uniform_lora"})
+        peft_options=reference_options, metadata={"variant": "uniform_lora"})
     params_budget = uniform.use["params"] * b.scale
     budgets = {"params": params_budget}
     for r in ("train_flops", "infer_flops", "vram_bytes", "latency"):
@@ -216,15 +245,16 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray) -> dict[str, An
         rank = max(1, int(round(b.reference_rank * b.scale)))
         uniform = Plan.from_assignments(
             sites, uniform_assignments(sites, "lora", rank, b.reference_targets), u,
-            peft_options=peft_options, metadata={"variant": "uniform_lora"})
+            peft_options=reference_options, metadata={"variant": "uniform_lora"})
     utilisation = tuple(b.utilisation) if b.utilisation else None
     lora_only = Catalogue.from_sizes(lora=a.lora_ranks)
     mixed = Catalogue.from_sizes(lora=a.lora_ranks, adapter=a.adapter_sizes,
                                  prefix=a.prefix_lengths)
     plans = {"uniform_lora": uniform}
-    plans["layerlens_lora"] = allocate(sites, u, budgets, catalogue=lora_only,
+    gain = a.gain_model()
+    plans["layerlens_lora"] = allocate(sites, u, budgets, catalogue=lora_only, gain_model=gain,
                                        utilisation=utilisation, peft_options=peft_options)
-    plans["layerlens_mixed"] = allocate(sites, u, budgets, catalogue=mixed,
+    plans["layerlens_mixed"] = allocate(sites, u, budgets, catalogue=mixed, gain_model=gain,
                                         utilisation=utilisation, peft_options=peft_options)
     return plans
 

