@@ -127,6 +127,8 @@ def main():
     ap.add_argument("--predictive-steps", type=int, default=20)
     ap.add_argument("--out", default="runs/validation")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite validation.md from the stored results")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override, as for `layerlens` (e.g. utility.transform='sqrt')")
     args = ap.parse_args()
@@ -136,6 +138,10 @@ def main():
     store = {"runs": [], "plans": {}, "utility": {}, "predictive": {}}
     if store_path.is_file() and not args.fresh:
         store = json.loads(store_path.read_text())
+    if args.render:
+        (out / "validation.md").write_text(render(store))
+        print(render(store))
+        return
     done = {(r["task"], r["budget_scale"], r["variant"], r["seed"]) for r in store["runs"]}
     store["command"] = "python " + " ".join(sys.argv)
 
@@ -200,19 +206,21 @@ def render(store) -> str:
             lines.append(f"Predictive validity: Spearman(utility, val-loss drop of training the "
                          f"site alone for {p['steps']} steps) = {p['spearman']:.3f} "
                          f"(p={p['spearman_p']:.2g}, {len(p['sites'])} sites).\n")
-        lines.append("| budget | variant | test acc. % (mean ± std) | val acc. % | seeds | adapter "
-                     "params | trainable params | train s | step MiB |")
-        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("| budget | variant | test acc. % (mean ± std) | val acc. % | val loss | seeds | "
+                     "adapter params | trainable params | train s | step MiB |")
+        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         runs = [r for r in store["runs"] if r["task"] == task]
         groups = list(dict.fromkeys((r["budget_scale"], r["variant"]) for r in runs))
         for scale, variant in sorted(groups, key=lambda g: (-g[0], g[1])):
             rs = [r for r in runs if (r["budget_scale"], r["variant"]) == (scale, variant)]
             acc = 100 * np.array([r["test_accuracy"] for r in rs])
             val = 100 * np.array([r["val_accuracy"] for r in rs])
+            vloss = np.array([r["val_loss"] for r in rs])
             mem = rs[0]["step_memory_bytes"]
             lines.append(
                 f"| {scale:g} | {variant} | {acc.mean():.2f} ± {acc.std():.2f} | "
-                f"{val.mean():.2f} ± {val.std():.2f} | {len(rs)} | "
+                f"{val.mean():.2f} ± {val.std():.2f} | {vloss.mean():.4f} ± {vloss.std():.4f} | "
+                f"{len(rs)} | "
                 f"{rs[0]['adapter_params'] or '—'} | {rs[0]['trainable_params']:,} | "
                 f"{np.mean([r['train_seconds'] for r in rs]):.0f} | "
                 f"{'n/a' if mem is None else f'{mem / 2**20:.0f}'} |")
