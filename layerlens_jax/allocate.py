@@ -422,12 +422,15 @@ def dual_value(gain: np.ndarray, cost: np.ndarray, mask: np.ndarray, budget: np.
 
 
 def solve_exact(gain: np.ndarray, cost: np.ndarray, mask: np.ndarray, budget: np.ndarray, *,
-                time_limit: float | None = None, mip_rel_gap: float = 1e-6):
+                time_limit: float | None = None, mip_rel_gap: float = 1e-6,
+                exclusive: Sequence[tuple[int, int]] = ()):
     """The same problem as a MILP (``scipy.optimize.milp``, HiGHS), arrays in, arrays out.
 
     Binary ``x[s,o]`` for every allowed option, one per site, resource rows normalised by their
-    budgets. Returns ``(choice int [S], objective, bound, status message)``; ``bound`` is HiGHS's
-    dual bound (equal to the objective, up to ``mip_rel_gap``, when solved to optimality).
+    budgets; for each ``(i, j)`` in ``exclusive`` at most one of sites ``i`` and ``j`` takes an
+    option other than option 0 (``none``). Returns ``(choice int [S], objective, bound, status
+    message)``; ``bound`` is HiGHS's dual bound (equal to the objective, up to ``mip_rel_gap``,
+    when solved to optimality).
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csr_array
@@ -456,6 +459,14 @@ def solve_exact(gain: np.ndarray, cost: np.ndarray, mask: np.ndarray, budget: np
                       shape=(len(finite), nv))
         ub = np.where(budget[finite] > 0, 1.0, 0.0)
         rows.append(LinearConstraint(A, -np.inf, ub))
+    if len(exclusive):
+        ri, ci = [], []
+        for k, (i, j) in enumerate(exclusive):
+            nz = np.flatnonzero(((s_idx == i) | (s_idx == j)) & (o_idx != 0))
+            ri.append(np.full(len(nz), k)); ci.append(nz)
+        A = csr_array((np.ones(sum(map(len, ci))), (np.concatenate(ri), np.concatenate(ci))),
+                      shape=(len(exclusive), nv))
+        rows.append(LinearConstraint(A, -np.inf, 1.0))
     options = {"mip_rel_gap": mip_rel_gap}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
@@ -766,7 +777,8 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
              min_size: int | Mapping[str, int] | None = None,
              max_size: int | Mapping[str, int] | None = None,
              peft_options: Mapping[str, Any] | None = None,
-             config: SolverConfig = SolverConfig()) -> Plan:
+             config: SolverConfig = SolverConfig(),
+             exclusive_nesting: bool = False) -> Plan:
     """Choose a method and size per site under every budget at once; returns a :class:`Plan`.
 
     Args:
@@ -781,11 +793,22 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
       pinned / min_size / max_size: see :func:`build_problem`.
       peft_options: overrides of the plan's PEFT options (``lora_alpha``, ``use_rslora``, ...).
       config: solver settings.
+      exclusive_nesting: never adapt a site together with one of its ancestors or descendants
+        (an adapter on ``layers_3/mlp`` and LoRA on ``layers_3/mlp/intermediate``). A block's
+        utility is the sum of its layers', so additive gains credit nested options twice with the
+        same signal; see :func:`resolve_nesting`.
 
     The plan's ``dual_bound`` is the float64 Lagrangian bound (an upper bound on the best objective
     under the effective budgets), so ``dual_bound - objective`` certifies the optimality gap.
     Raises ``ValueError`` naming the site / resource / value for invalid or infeasible input.
     """
+    if exclusive_nesting:
+        return resolve_nesting(
+            functools.partial(allocate, sites, utility, budgets, catalogue=catalogue,
+                              cost_model=cost_model, gain_model=gain_model,
+                              utilisation=utilisation, min_size=min_size, max_size=max_size,
+                              peft_options=peft_options, config=config),
+            sites, budgets, pinned)
     t0 = time.perf_counter()
     problem = build_problem(sites, utility, budgets, catalogue=catalogue, cost_model=cost_model,
                             gain_model=gain_model, pinned=pinned, min_size=min_size,
@@ -803,6 +826,80 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
     return _plan(problem, choice, bound, "lagrangian", peft_options, extra)
 
 
+def nested_conflicts(plan: Plan) -> list[tuple[str, tuple[str, ...]]]:
+    """``(ancestor, adapted descendants)`` for every adapted site with adapted descendants
+    (paths nest by ``"/"``), outermost ancestors first."""
+    adapted = sorted(a.site for a in plan.allocations if a.method != "none")
+    out = []
+    for anc in adapted:
+        desc = tuple(d for d in adapted if d.startswith(anc + "/"))
+        if desc:
+            out.append((anc, desc))
+    return out
+
+
+def resolve_nesting(solve, sites: Sequence[Site], budgets: Mapping[str, float],
+                    pinned: Mapping[str, Any] | None = None, max_rounds: int = 64) -> Plan:
+    """Re-solve until no site is adapted together with an ancestor or descendant.
+
+    ``solve(pinned=...)`` returns a plan. Each round settles every conflict (outermost first) by
+    gain per unit of budget, ``gain / sum_r cost_r / budget_r`` over the finite budgets: the
+    ancestor's option against its adapted descendants' together; the losing side is pinned to
+    ``none`` and the freed budget re-allocated by the next solve. Then one local-search pass flips
+    each decision in turn (pins the other side instead, re-settles) and keeps a flip that raises
+    the objective. User pins are kept (a conflict between two user-pinned sites is an error
+    naming them). Each settling round pins at least one more site, so it ends within
+    ``len(sites)`` rounds.
+    """
+    user = dict(pinned or {})
+    finite = {r: float(b) for r, b in budgets.items() if math.isfinite(float(b)) and float(b) > 0}
+    rounds = max(1, min(max_rounds, len(sites) + 1))
+
+    def settle(pins, decided):
+        pins, decided = dict(pins), dict(decided)
+        for _ in range(rounds):
+            plan = solve(pinned=pins or None)
+            conflicts = nested_conflicts(plan)
+            if not conflicts:
+                return plan, pins, decided
+            by_site = {a.site: a for a in plan.allocations}
+
+            def value(paths):
+                g = sum(by_site[p].gain for p in paths)
+                c = sum(by_site[p].cost[r] / b for p in paths for r, b in finite.items())
+                return g / c if c > 0 else math.inf
+
+            settled = set()
+            for anc, desc in conflicts:
+                if anc in settled or any(d in settled for d in desc):
+                    continue  # an outer conflict already pinned one side this round
+                desc_free = [d for d in desc if d not in user]
+                if anc in user and not desc_free:
+                    raise ValueError(f"pinned site {anc!r} nests pinned site(s) {list(desc)}: "
+                                     f"exclusive nesting cannot hold")
+                keep_ancestor = anc in user or (desc_free and value([anc]) >= value(desc))
+                losers = desc_free if keep_ancestor else [anc]
+                winners = [anc] if keep_ancestor else desc_free
+                for p in losers:
+                    pins[p] = "none"
+                decided[anc] = (tuple(losers), tuple(w for w in winners if w not in user))
+                settled.update((anc, *desc))
+        raise RuntimeError(f"exclusive nesting did not settle in {rounds} rounds")  # a bug
+
+    plan, pins, decided = settle(user, {})
+    for anc in list(decided):  # one local-search pass over the decisions
+        losers, winners = decided[anc]
+        if not winners:
+            continue  # the winning side is user-pinned: nothing to flip
+        trial = {k: v for k, v in pins.items() if k not in losers or k in user}
+        trial.update({w: "none" for w in winners})
+        flipped = {**decided, anc: (winners, tuple(x for x in losers if x not in user))}
+        cand, cand_pins, cand_decided = settle(trial, flipped)
+        if cand.objective > plan.objective * (1 + 1e-9):
+            plan, pins, decided = cand, cand_pins, cand_decided
+    return plan
+
+
 def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
                    catalogue: Catalogue | None = None, cost_model: CostModel | None = None,
                    gain_model: GainModel | None = None,
@@ -811,18 +908,26 @@ def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float],
                    min_size: int | Mapping[str, int] | None = None,
                    max_size: int | Mapping[str, int] | None = None,
                    peft_options: Mapping[str, Any] | None = None,
-                   time_limit: float | None = None, mip_rel_gap: float = 1e-6) -> Plan:
+                   time_limit: float | None = None, mip_rel_gap: float = 1e-6,
+                   exclusive_nesting: bool = False) -> Plan:
     """The exact optimum of the problem :func:`allocate` solves (MILP, scipy HiGHS); same inputs.
 
     For small problems and tests: exponential in the worst case. ``dual_bound`` is HiGHS's bound.
+    With ``exclusive_nesting`` every (ancestor, descendant) site pair is a MILP row: the exact
+    optimum :func:`resolve_nesting` approximates.
     """
     t0 = time.perf_counter()
     problem = build_problem(sites, utility, budgets, catalogue=catalogue, cost_model=cost_model,
                             gain_model=gain_model, pinned=pinned, min_size=min_size,
                             max_size=max_size, utilisation=utilisation)
+    exclusive = []
+    if exclusive_nesting:
+        paths = [st.path for st in problem.sites]
+        exclusive = [(i, j) for i, a in enumerate(paths) for j, d in enumerate(paths)
+                     if d.startswith(a + "/")]
     choice, _, bound, message = solve_exact(problem.gain, problem.cost_rso, problem.mask,
                                             problem.budget, time_limit=time_limit,
-                                            mip_rel_gap=mip_rel_gap)
+                                            mip_rel_gap=mip_rel_gap, exclusive=exclusive)
     choice = _repair(problem, choice)
     extra = {"milp_status": message, "timing_s": {"solve": time.perf_counter() - t0}}
     return _plan(problem, choice, bound, "milp", peft_options, extra)

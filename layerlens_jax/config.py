@@ -102,6 +102,8 @@ class AllocateSection:
     lora_saturation: float = 1.0
     adapter_saturation: float = 2.0
     prefix_saturation: float = 2.0
+    # Never adapt a block together with a layer inside it (their gains share one signal).
+    exclusive_nesting: bool = True
 
     def gain_model(self):
         from layerlens_jax.costs import GainModel

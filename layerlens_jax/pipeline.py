@@ -255,7 +255,8 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray) -> dict[str, An
     plans["layerlens_lora"] = allocate(sites, u, budgets, catalogue=lora_only, gain_model=gain,
                                        utilisation=utilisation, peft_options=peft_options)
     plans["layerlens_mixed"] = allocate(sites, u, budgets, catalogue=mixed, gain_model=gain,
-                                        utilisation=utilisation, peft_options=peft_options)
+                                        utilisation=utilisation, peft_options=peft_options,
+                                        exclusive_nesting=a.exclusive_nesting)
     return plans
 
 

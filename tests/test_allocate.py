@@ -43,6 +43,50 @@ def _check_plan(plan, budgets, sites):
 # ------------------------------------------------------------------ against the exact optimum
 
 
+def _block_utility(sites, seed):
+    """Random leaf utilities; blocks carry the sum of their layers' (as the profiler reports)."""
+    rng = np.random.default_rng(seed)
+    leaf = {s.path: rng.uniform(0.05, 1.0) for s in sites}
+    u = np.array([sum(v for p, v in leaf.items() if p == s.path or p.startswith(s.path + "/"))
+                  for s in sites])
+    return u / u.max()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exclusive_nesting_against_the_exact_milp(sites, seed):
+    """No site is adapted with an ancestor or descendant; the heuristic lands near the MILP that
+    has every (ancestor, descendant) pair as a constraint row."""
+    from layerlens_jax.allocate import nested_conflicts
+
+    u = _block_utility(sites, seed)
+    cat = Catalogue.from_sizes(lora=(1, 2, 4, 8), adapter=(2, 4, 8), prefix=(2, 4))
+    base = Plan.from_assignments(sites, uniform_assignments(sites, "lora", 8), u)
+    budgets = {"params": base.use["params"] * (0.5 + 0.5 * (seed % 3))}
+    free = allocate(sites, u, budgets, catalogue=cat)
+    plan = allocate(sites, u, budgets, catalogue=cat, exclusive_nesting=True)
+    exact = allocate_exact(sites, u, budgets, catalogue=cat, exclusive_nesting=True)
+    assert nested_conflicts(free)  # the unconstrained plan double-credits nested sites
+    assert not nested_conflicts(plan) and not nested_conflicts(exact)
+    _check_plan(plan, budgets, sites)
+    _check_plan(exact, budgets, sites)
+    assert exact.objective <= allocate_exact(sites, u, budgets, catalogue=cat).objective + 1e-9
+    assert exact.objective * 0.97 <= plan.objective <= exact.objective * (1 + 1e-9)
+
+
+def test_exclusive_nesting_keeps_user_pins_and_names_impossible_ones(sites):
+    u = _block_utility(sites, 0)
+    cat = Catalogue.from_sizes(lora=(1, 2, 4), adapter=(2, 4))
+    blocks = [s.path for s in sites if s.kind == "block"]
+    child = next(s.path for s in sites if s.path.startswith(blocks[0] + "/") and s.kind == "linear")
+    plan = allocate(sites, u, {"params": 2000}, catalogue=cat, exclusive_nesting=True,
+                    pinned={child: ("lora", 2)})
+    a = plan.assignments()
+    assert a[child] == ("lora", 2) and blocks[0] not in a
+    with pytest.raises(ValueError, match="exclusive nesting cannot hold"):
+        allocate(sites, u, {"params": 4000}, catalogue=cat, exclusive_nesting=True,
+                 pinned={child: ("lora", 2), blocks[0]: ("adapter", 2)})
+
+
 @pytest.mark.parametrize("seed", [0, 1, 4])
 @pytest.mark.parametrize("kind", ["params", "multi"])
 def test_tiny_bert_within_half_percent_of_milp(sites, seed, kind):
