@@ -269,6 +269,10 @@ class CostModel:
         return dataclasses.asdict(self)
 
 
+DEFAULT_EFFICIENCY = {"lora": 1.0, "adapter": 0.95, "prefix": 0.7}
+DEFAULT_SATURATION = {"lora": 1.0, "adapter": 2.0, "prefix": 2.0}
+
+
 @dataclasses.dataclass(frozen=True)
 class GainModel:
     """Predicted gain ``g = utility * efficiency[method] * sigma(size / scale[method])``.
@@ -280,17 +284,20 @@ class GainModel:
     * ``"exp"``: ``sigma(x) = 1 - exp(-x)``: saturates fast;
     * ``"log"``: ``sigma(x) = log(1 + x)``: unbounded but concave.
 
-    ``efficiency`` is the method's attainable gain relative to LoRA (a prior: adapters are slightly
-    less sample-efficient than LoRA at equal utility, prefix tuning markedly less on encoder tasks),
-    ``scale`` the size at which the method reaches half (hyperbolic) of it. Concavity is what makes
-    the allocation well-posed: marginal gains fall with size, so a budget spreads over sites in
-    order of utility, and the per-site choice is monotone in utility.
+    ``efficiency`` is the method's attainable gain relative to LoRA, ``scale`` the size at which the
+    method reaches half (hyperbolic) of it. The defaults (:data:`DEFAULT_EFFICIENCY`,
+    :data:`DEFAULT_SATURATION`) are measured on a validation split with
+    ``scripts/calibrate_gain.py`` (pretrained MiniLM-L6, TREC-6): adapters on every block drop the
+    validation loss 0.96x as much as uniform LoRA at about the same parameter count, prefix tuning
+    0.68x, and LoRA r=4 as much as r=8 (LoRA saturates by rank ~1). Concavity is what makes the
+    allocation well-posed: marginal gains fall with size, so a budget spreads over sites in order
+    of utility, and the per-site choice is monotone in utility.
     """
 
     efficiency: Mapping[str, float] = dataclasses.field(
-        default_factory=lambda: {"lora": 1.0, "adapter": 0.9, "prefix": 0.5})
+        default_factory=lambda: dict(DEFAULT_EFFICIENCY))
     scale: Mapping[str, float] = dataclasses.field(
-        default_factory=lambda: {"lora": 8.0, "adapter": 16.0, "prefix": 16.0})
+        default_factory=lambda: dict(DEFAULT_SATURATION))
     saturation: str = "hyperbolic"
 
     def __post_init__(self):

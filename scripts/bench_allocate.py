@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from layerlens_jax.allocate import build_problem, lagrangian_allocate, solve_exact  # noqa: E402
-from layerlens_jax.costs import Catalogue, CostModel  # noqa: E402
+from layerlens_jax.costs import Catalogue, CostModel, GainModel  # noqa: E402
 from layerlens_jax.sites import Site  # noqa: E402
 
 # ~100 options per site: none + 64 LoRA ranks + 18 adapter bottlenecks + 17 prefix lengths
@@ -72,6 +72,11 @@ def random_sites(n: int, rng: np.random.Generator) -> list[Site]:
     return sites
 
 
+# The solver benchmark's instance family, fixed apart from the job's calibrated defaults.
+GAIN = GainModel(efficiency={"lora": 1.0, "adapter": 0.9, "prefix": 0.5},
+                 scale={"lora": 8.0, "adapter": 16.0, "prefix": 16.0})
+
+
 def random_problem(n: int, resources: tuple[str, ...], seed: int, fraction: float = 0.35):
     """Budgets = use of a random assignment (each adaptable site adapted with prob. ``fraction``
     at a random size), so all budgets are of the same tightness and several bind."""
@@ -80,7 +85,8 @@ def random_problem(n: int, resources: tuple[str, ...], seed: int, fraction: floa
     utility = rng.beta(0.7, 1.5, size=n)
     utility /= utility.max()
     big = {r: 1e30 for r in resources}
-    p = build_problem(sites, utility, big, catalogue=CATALOGUE, cost_model=CostModel(batch_size=8))
+    p = build_problem(sites, utility, big, catalogue=CATALOGUE, cost_model=CostModel(batch_size=8),
+                      gain_model=GAIN)
     S, O = p.mask.shape
     ref = np.zeros(S, int)
     for s in range(S):
@@ -89,7 +95,8 @@ def random_problem(n: int, resources: tuple[str, ...], seed: int, fraction: floa
             ref[s] = rng.choice(allowed)
     c = p.cost_rso
     budgets = {r: float(c[k, np.arange(S), ref].sum()) for k, r in enumerate(p.resources)}
-    return build_problem(sites, utility, budgets, catalogue=CATALOGUE, cost_model=CostModel(batch_size=8))
+    return build_problem(sites, utility, budgets, catalogue=CATALOGUE,
+                         cost_model=CostModel(batch_size=8), gain_model=GAIN)
 
 
 @contextlib.contextmanager

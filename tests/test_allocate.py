@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from layerlens_jax.allocate import (SolverConfig, allocate, allocate_curve, allocate_exact,
                                     build_problem, dual_value, lagrangian_allocate, solve_exact)
-from layerlens_jax.costs import Catalogue, CostModel
+from layerlens_jax.costs import Catalogue, CostModel, GainModel
 from layerlens_jax.models import BertClassifier, BertConfig
 from layerlens_jax.plan import Plan, plan_metrics, uniform_assignments
 from layerlens_jax.sites import Site, discover_sites
@@ -87,20 +87,28 @@ def test_exclusive_nesting_keeps_user_pins_and_names_impossible_ones(sites):
                  pinned={child: ("lora", 2), blocks[0]: ("adapter", 2)})
 
 
+# A slowly saturating prior (half of LoRA's gain at rank 8) and the calibrated default (rank 1):
+# the fast-saturating one makes the knapsack more integral (many rank-1/2 sites), so the
+# Lagrangian primal lands a little further from the optimum (worst 99.3 % over 12 seeds).
+PRIOR = GainModel(efficiency={"lora": 1.0, "adapter": 0.9, "prefix": 0.5},
+                  scale={"lora": 8.0, "adapter": 16.0, "prefix": 16.0})
+
+
 @pytest.mark.parametrize("seed", [0, 1, 4])
 @pytest.mark.parametrize("kind", ["params", "multi"])
-def test_tiny_bert_within_half_percent_of_milp(sites, seed, kind):
+@pytest.mark.parametrize("gain, within", [(PRIOR, 0.995), (None, 0.99)])
+def test_tiny_bert_near_the_milp(sites, seed, kind, gain, within):
     u = _utility(sites, seed)
-    base = Plan.from_assignments(sites, uniform_assignments(sites, "lora", 8), u)
+    base = Plan.from_assignments(sites, uniform_assignments(sites, "lora", 8), u, gain_model=gain)
     assert base.use["params"] == 4 * 8 * 32  # q, v of two layers at r=8
     budgets = ({"params": base.use["params"]} if kind == "params" else
                {"params": 2 * base.use["params"], "vram_bytes": 1.5 * base.use["vram_bytes"],
                 "latency": 0.01})
-    plan = allocate(sites, u, budgets)
-    exact = allocate_exact(sites, u, budgets)
+    plan = allocate(sites, u, budgets, gain_model=gain)
+    exact = allocate_exact(sites, u, budgets, gain_model=gain)
     _check_plan(plan, budgets, sites)
     _check_plan(exact, budgets, sites)
-    assert plan.objective >= 0.995 * exact.objective
+    assert plan.objective >= within * exact.objective
     assert plan.objective <= exact.objective * (1 + 1e-9)
     assert plan.dual_bound >= exact.objective * (1 - 1e-9)  # the certificate is valid
     assert plan.objective > base.objective  # beats uniform LoRA at the same parameter count

@@ -140,7 +140,7 @@ def test_catalogue_options_and_caps(sites):
 def test_gain_model_concave_increasing():
     k = np.arange(0, 129, dtype=float)
     for sat in ("hyperbolic", "exp", "log"):
-        gm = GainModel(saturation=sat)
+        gm = GainModel(saturation=sat, scale={"lora": 8.0})  # exp reaches 1.0 in float64 at 37 x
         opts = [("none", 0)] + [("lora", int(x)) for x in k[1:]]
         shape = gm.shape(opts)
         assert shape[0] == 0
@@ -148,9 +148,10 @@ def test_gain_model_concave_increasing():
         assert np.all(np.diff(shape, 2) <= 1e-15)  # concave on the integer grid
         g = gm.gain(np.array([0.5, 1.0]), opts)
         np.testing.assert_allclose(g[0], 0.5 * shape)
-    gm = GainModel()
-    assert gm.shape([("lora", 8)])[0] == pytest.approx(1.0 * 8 / (8 + 8))
-    assert gm.shape([("adapter", 16)])[0] == pytest.approx(0.9 * 0.5)
+    gm = GainModel()  # the calibrated defaults: LoRA 1.0 / saturation 1, adapter 0.95 / 2
+    assert gm.shape([("lora", 8)])[0] == pytest.approx(1.0 * 8 / (8 + 1))
+    assert gm.shape([("adapter", 16)])[0] == pytest.approx(0.95 * 8 / (8 + 1))
+    assert gm.shape([("prefix", 2)])[0] == pytest.approx(0.7 * 0.5)
     with pytest.raises(ValueError, match="saturation"):
         GainModel(saturation="linear")
     with pytest.raises(ValueError, match="scale\\['lora'\\]"):
