@@ -225,6 +225,26 @@ def render(store) -> str:
                 f"{np.mean([r['train_seconds'] for r in rs]):.0f} | "
                 f"{'n/a' if mem is None else f'{mem / 2**20:.0f}'} |")
         lines.append("")
+        for key, plans in store.get("plans", {}).items():
+            if not key.startswith(task + "@") or not plans:
+                continue
+            lines.append(f"Plan metrics at budget {key.split('@')[1]} (the seed report's):\n")
+            lines.append("| plan | sites adapted | methods (lora/adapter/prefix) | params use / budget "
+                         "| rank–utility Spearman | consistency | compatibility | constraints met |")
+            lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
+            for name, p in plans.items():
+                if not p:
+                    continue
+                m = p["metrics"]
+                c = m["method_counts"]
+                util = m["utilisation"].get("params")
+                rho = m["spearman"]
+                lines.append(
+                    f"| {name} | {m['n_adapted']} | {c['lora']}/{c['adapter']}/{c['prefix']} | "
+                    f"{'—' if util is None else f'{100 * util:.1f} %'} | "
+                    f"{'—' if rho is None else f'{rho:.3f}'} | {m['consistency_class']:.3f} | "
+                    f"{m['compatibility_rate']:.3f} | {m['constraint_satisfaction']:.3f} |")
+            lines.append("")
     return "\n".join(lines)
 
 
