@@ -187,6 +187,7 @@ def main():
                           f"{100 * r['test_accuracy']:.2f}% val {100 * r['val_accuracy']:.2f}% "
                           f"({r['trainable_params']:,} trainable, {r['train_seconds']:.0f}s)",
                           flush=True)
+    write_json(store_path, store)  # plans and utility even when every run was already done
     md = render(store)
     (out / "validation.md").write_text(md)
     print(md)
