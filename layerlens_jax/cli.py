@@ -197,9 +197,12 @@ def verdict(summary: list[dict[str, Any]]) -> str | None:
             d = r["test_accuracy_mean"] - base["test_accuracy_mean"]
             ratio = (r["adapter_params"] or 0) / max(base["adapter_params"] or 1, 1)
             goal = d >= 1.0 or (d >= 0 and ratio <= 0.5)
+            n = len(r.get("seeds", ())) or 1
             parts.append(f"{v} vs uniform_lora: {d:+.2f} accuracy points at "
-                         f"{100 * ratio:.0f}% of its adapter parameters — goal (≥ +1 point, or "
-                         f"match at ≤ 50 % params) {'met' if goal else 'NOT met'}.")
+                         f"{100 * ratio:.0f}% of its adapter parameters over {n} seed"
+                         f"{'s' if n > 1 else ''} — goal (≥ +1 point, or match at ≤ 50 % params) "
+                         f"{'met' if goal else 'NOT met'}"
+                         f"{'' if n >= 3 else ' on this run (the goal is stated for 3 seeds)'}.")
     return " ".join(parts)
 
 

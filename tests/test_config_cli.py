@@ -159,3 +159,21 @@ def test_head_warmup_trains_only_the_head():
                if not np.array_equal(np.asarray(v), flat_b[k])}
     assert changed and all(k.startswith(("['pooler']", "['classifier']")) for k in changed), changed
     assert float(_mean_loss(model, batch)) < loss0
+
+
+def test_verdict_names_the_seed_count():
+    from layerlens_jax.cli import verdict
+
+    def row(v, acc, params, seeds):
+        return {"variant": v, "test_accuracy_mean": acc, "adapter_params": params, "seeds": seeds}
+
+    one = verdict([row("uniform_lora", 90.0, 100, [0]), row("layerlens_lora", 91.5, 99, [0])])
+    assert "+1.50 accuracy points at 99%" in one and "over 1 seed" in one
+    assert "met on this run (the goal is stated for 3 seeds)" in one
+    three = verdict([row("uniform_lora", 90.0, 100, [0, 1, 2]),
+                     row("layerlens_mixed", 90.0, 50, [0, 1, 2]),
+                     row("layerlens_lora", 90.5, 100, [0, 1, 2])])
+    assert "layerlens_lora vs uniform_lora: +0.50" in three and "NOT met." in three
+    assert "layerlens_mixed vs uniform_lora: +0.00 accuracy points at 50%" in three
+    assert three.count("params) met.") == 1  # the mixed plan matches at half the parameters
+    assert verdict([row("layerlens_lora", 90.0, 1, [0])]) is None
