@@ -888,6 +888,8 @@ def resolve_nesting(solve, sites: Sequence[Site], budgets: Mapping[str, float],
 
     plan, pins, decided = settle(user, {})
     for anc in list(decided):  # one local-search pass over the decisions
+        if anc not in decided:
+            continue  # an accepted flip re-settled without this conflict
         losers, winners = decided[anc]
         if not winners:
             continue  # the winning side is user-pinned: nothing to flip
