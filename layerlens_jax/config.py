@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
-from layerlens_jax.costs import DEFAULT_EFFICIENCY, DEFAULT_SATURATION
+from layerlens_jax.costs import DEFAULT_EFFICIENCY, DEFAULT_SATURATION, METHODS, GainModel
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "VARIANTS"]
 
@@ -106,11 +106,9 @@ class AllocateSection:
     # vs 0.2158 at budget 1, 0.2423 vs 0.2359 at 0.5).
     exclusive_nesting: bool = False
 
-    def gain_model(self):
-        from layerlens_jax.costs import GainModel
-        return GainModel(
-            efficiency={m: getattr(self, f"{m}_efficiency") for m in ("lora", "adapter", "prefix")},
-            scale={m: getattr(self, f"{m}_saturation") for m in ("lora", "adapter", "prefix")})
+    def gain_model(self) -> GainModel:
+        return GainModel(efficiency={m: getattr(self, f"{m}_efficiency") for m in METHODS[1:]},
+                         scale={m: getattr(self, f"{m}_saturation") for m in METHODS[1:]})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +166,8 @@ _POSITIVE = {"model.max_length", "data.batch_size", "data.eval_batch_size", "pro
              "budget.reference_rank", "budget.scale", "train.steps", "train.learning_rate",
              "train.full_learning_rate", "train.head_learning_rate", "train.eval_every",
              "budget.train_flops", "budget.infer_flops", "budget.vram_bytes", "budget.latency",
-             "budget.reference_alpha", "allocate.lora_alpha", "allocate.lora_saturation", "allocate.adapter_saturation",
-             "allocate.prefix_saturation"}
+             "budget.reference_alpha", "allocate.lora_alpha", "allocate.lora_saturation",
+             "allocate.adapter_saturation", "allocate.prefix_saturation"}
 _NON_NEGATIVE = {"data.max_examples", "profile.head_warmup_steps", "train.weight_decay",
                  "train.warmup_steps", "utility.fisher_weight", "utility.grad_weight",
                  "allocate.lora_efficiency", "allocate.adapter_efficiency",

@@ -179,19 +179,23 @@ def warm_up_head(prep: Prepared, model, steps: int) -> None:
     cfg = prep.cfg
     step, state = make_functional_train_step(model, optax.adam(cfg.train.head_learning_rate),
                                              _mean_loss, wrt=_head_filter(cfg.train.head))
-
-    def batches():
-        epoch = 20_000  # an order of its own, neither profiling's nor a training epoch's
-        while True:
-            yield from iterate_batches(prep.arrays["train"], cfg.data.batch_size,
-                                       seed=cfg.run.seed, epoch=epoch, drop_remainder=True)
-            epoch += 1
-
-    for _, batch in zip(range(steps), batches()):
+    # epochs from 20 000: an order of its own, neither profiling's nor a training epoch's
+    for _, batch in zip(range(steps), _endless_batches(prep, cfg.run.seed, first_epoch=20_000)):
         state, metrics = step(state, batch)
     if not math.isfinite(float(metrics["loss"])):
         raise FloatingPointError(f"head warm-up diverged: loss {float(metrics['loss'])}")
     write_back(model, state)
+
+
+def _endless_batches(prep: Prepared, seed: int, first_epoch: int = 0):
+    """Full training batches of ``seed``'s shuffled order, epoch after epoch."""
+    from layerlens_jax.data import iterate_batches
+
+    epoch = first_epoch
+    while True:
+        yield from iterate_batches(prep.arrays["train"], prep.cfg.data.batch_size, seed=seed,
+                                   epoch=epoch, drop_remainder=True)
+        epoch += 1
 
 
 def _is_head(path: str, head: tuple[str, ...]) -> bool:
@@ -338,7 +342,7 @@ def _xla_bytes(jitted, *args) -> float | None:
 def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bool = True,
                   keep_model: bool = False) -> dict[str, Any]:
     """Train one variant with one seed; returns its figures (and the model if ``keep_model``)."""
-    from layerlens_jax.data import iterate_batches, num_batches
+    from layerlens_jax.data import num_batches
     from layerlens_jax.train import make_functional_train_step, write_back
 
     cfg = prep.cfg
@@ -348,14 +352,7 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
     step, state = make_functional_train_step(model, tx, _mean_loss, wrt=wrt)
     per_epoch = num_batches(prep.sizes["train"], cfg.data.batch_size, drop_remainder=True)
 
-    def batches():
-        epoch = 0
-        while True:
-            yield from iterate_batches(prep.arrays["train"], cfg.data.batch_size, seed=seed,
-                                       epoch=epoch, drop_remainder=True)
-            epoch += 1
-
-    it = batches()
+    it = _endless_batches(prep, seed)
     first = next(it)
     memory = _xla_bytes(step.jitted, state.trainable, state.opt_state, state.other, state.step,
                         state.frozen, first)

@@ -30,8 +30,7 @@ from pathlib import Path
 from layerlens_jax.config import load_config
 from layerlens_jax.pipeline import make_plans, prepare, run_profile, train_variant, write_json
 from layerlens_jax.plan import Plan, uniform_assignments
-
-MAX_LENGTH = {"trec6": 32, "movie_sentiment": 48}
+from validate_task import MAX_LENGTH  # the same per-task sequence lengths as the validation
 LINEAR = ("query", "key", "value", "out", "intermediate", "output")
 
 

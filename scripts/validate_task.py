@@ -139,8 +139,9 @@ def main():
     if store_path.is_file() and not args.fresh:
         store = json.loads(store_path.read_text())
     if args.render:
-        (out / "validation.md").write_text(render(store))
-        print(render(store))
+        md = render(store)
+        (out / "validation.md").write_text(md)
+        print(md)
         return
     done = {(r["task"], r["budget_scale"], r["variant"], r["seed"]) for r in store["runs"]}
     store["command"] = "python " + " ".join(sys.argv)
