@@ -1,36 +1,54 @@
 """LayerLens-JAX: profile every adaptable layer of a Flax model, allocate PEFT methods and sizes
 under budgets, apply them without editing the model, train, merge and validate.
 
-    sites = discover_sites(model, example=batch["input_ids"])
-    stats = profile(model, loss_fn, batches)            # grad norm + per-example exact Fisher
-    u = utility(stats)                                  # one score per site
-    plan = allocate(sites, u, {"params": 100_000})      # method + size per site under budgets
-    model = apply_plan(model, plan)                     # wraps the sites; only adapters train
+The data flow, and the public name for each step::
+
+    sites = discover_sites(model, example=batch["input_ids"])   # adaptable layers
+    stats = profile(model, loss_fn, batches)          # grad norm + per-example exact Fisher
+    u = utility(stats)                                # one score per site
+    plan = allocate(stats.sites, u, {"params": 100_000})   # method + size per site under budgets
+    model = apply_plan(model, plan)                   # wraps the sites; only adapters train
+    step = make_train_step(model, loss_fn, make_optimizer(1e-3))
+    model = merge(model)                              # fold LoRA back into the base kernels
+
+This module is the library's one contract: everything here is public and stable; the code lives
+in private modules under ``layerlens_jax._src``. Reference models are in
+:mod:`layerlens_jax.models`; the ``layerlens`` application (config, data, report, CLI) is the
+separate subpackage :mod:`layerlens_jax.app`, which the core never imports.
 """
 
-from layerlens_jax.allocate import allocate, allocate_curve, allocate_exact
-from layerlens_jax.checkpoint import CheckpointError, restore_adapters, save_adapters
-from layerlens_jax.costs import Catalogue, CostModel, GainModel, calibrate_latency
+# 1. sites: what can be adapted
+from layerlens_jax._src.sites import KINDS, Site, discover_sites, register_site_kind, site_kind_of
+# 2. profile and utility: how much each site matters
+from layerlens_jax._src.profile import LayerStats, ProfileStep, profile, sampled_label_loss
+from layerlens_jax._src.utility import UtilityConfig, UtilityReport, utility, utility_report
+# 3. costs and allocation: which method and size per site, under budgets
+from layerlens_jax._src.costs import Catalogue, CostModel, GainModel, calibrate_latency
+from layerlens_jax._src.allocate import allocate, allocate_curve, allocate_exact
+# 4. the plan: record, JSON, metrics, HF PEFT export
+from layerlens_jax._src.plan import (Plan, SiteAllocation, load_plan, plan_metrics, save_plan,
+                                     to_peft_config)
+# 5. PEFT: apply the plan, train only the adapters, merge
+from layerlens_jax._src.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
+                                     apply_plan, count_trainable, init_adapters, merge)
+from layerlens_jax._src.train import (make_functional_train_step, make_optimizer,
+                                      make_train_step)
+from layerlens_jax._src.checkpoint import CheckpointError, restore_adapters, save_adapters
+# reference models (BERT-style encoder, NNX and Linen)
 from layerlens_jax.models import BertClassifier, BertConfig, LinenBertClassifier
-from layerlens_jax.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
-                                apply_plan, count_trainable, merge)
-from layerlens_jax.plan import Plan, SiteAllocation, load_plan, plan_metrics, save_plan, to_peft_config
-from layerlens_jax.profile import LayerStats, ProfileStep, profile, sampled_label_loss
-from layerlens_jax.sites import KINDS, Site, discover_sites, register_site_kind, site_kind_of
-from layerlens_jax.train import make_functional_train_step, make_optimizer, make_train_step
-from layerlens_jax.utility import UtilityConfig, UtilityReport, utility, utility_report
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "BertClassifier", "BertConfig", "LinenBertClassifier",
-    "LayerStats", "ProfileStep", "profile", "sampled_label_loss",
     "KINDS", "Site", "discover_sites", "register_site_kind", "site_kind_of",
+    "LayerStats", "ProfileStep", "profile", "sampled_label_loss",
     "UtilityConfig", "UtilityReport", "utility", "utility_report",
-    "LoRA", "Adapter", "Prefix", "PeftParam", "PEFT_FILTER", "BASE_FILTER", "apply_plan", "merge",
-    "count_trainable", "make_optimizer", "make_train_step", "make_functional_train_step",
-    "save_adapters", "restore_adapters", "CheckpointError",
-    "allocate", "allocate_exact", "allocate_curve", "Catalogue", "CostModel", "GainModel",
-    "calibrate_latency", "Plan", "SiteAllocation", "load_plan", "save_plan", "plan_metrics",
-    "to_peft_config",
+    "Catalogue", "CostModel", "GainModel", "calibrate_latency",
+    "allocate", "allocate_curve", "allocate_exact",
+    "Plan", "SiteAllocation", "load_plan", "plan_metrics", "save_plan", "to_peft_config",
+    "BASE_FILTER", "PEFT_FILTER", "Adapter", "LoRA", "PeftParam", "Prefix",
+    "apply_plan", "count_trainable", "init_adapters", "merge",
+    "make_functional_train_step", "make_optimizer", "make_train_step",
+    "CheckpointError", "restore_adapters", "save_adapters",
+    "BertClassifier", "BertConfig", "LinenBertClassifier",
 ]

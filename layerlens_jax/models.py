@@ -18,7 +18,7 @@ Module tree (site kinds in brackets)::
     pooler [linear]   classifier [linear]
 
 The block modules carry ``__layerlens_kind__ = "block"``: that is the protocol by which any user
-module declares itself an adapter attachment point (see ``layerlens_jax.sites``).
+module declares itself an adapter attachment point (see ``layerlens_jax._src.sites``).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Embeddings(nnx.Module):
 
     def __call__(self, input_ids, token_type_ids):
         # positions broadcast to (B, T): the example axis comes first at every site, which is what
-        # per-example statistics (layerlens_jax.profile) rely on.
+        # per-example statistics (layerlens_jax._src.profile) rely on.
         positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         h = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
         return self.dropout(self.norm(h))

@@ -30,9 +30,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from layerlens_jax.allocate import build_problem, lagrangian_allocate, solve_exact  # noqa: E402
-from layerlens_jax.costs import Catalogue, CostModel, GainModel  # noqa: E402
-from layerlens_jax.sites import Site  # noqa: E402
+from layerlens_jax._src.allocate import build_problem, lagrangian_allocate, solve_exact  # noqa: E402
+from layerlens_jax._src.costs import Catalogue, CostModel, GainModel  # noqa: E402
+from layerlens_jax._src.sites import Site  # noqa: E402
 
 # ~100 options per site: none + 64 LoRA ranks + 18 adapter bottlenecks + 17 prefix lengths
 CATALOGUE = Catalogue.from_sizes(
@@ -214,10 +214,10 @@ def nesting_quality(instances: int, seed: int) -> None:
     the tiny BERT's 20 nested sites, blocks scored with the sum of their layers' utilities."""
     from flax import nnx
 
-    from layerlens_jax.allocate import allocate, allocate_exact, nested_conflicts
+    from layerlens_jax._src.allocate import allocate, allocate_exact, nested_conflicts
     from layerlens_jax.models import BertClassifier, BertConfig
-    from layerlens_jax.plan import Plan, uniform_assignments
-    from layerlens_jax.sites import discover_sites
+    from layerlens_jax._src.plan import Plan, uniform_assignments
+    from layerlens_jax._src.sites import discover_sites
 
     sites = discover_sites(BertClassifier(BertConfig.tiny(), rngs=nnx.Rngs(0)),
                            example=(jnp.zeros((2, 7), jnp.int32),))

@@ -37,9 +37,9 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from layerlens_jax.models import BertClassifier, BertConfig  # noqa: E402
-from layerlens_jax.peft import apply_plan, merge  # noqa: E402
-from layerlens_jax.sites import discover_sites, get_submodule, set_submodule  # noqa: E402
-from layerlens_jax.train import make_functional_train_step  # noqa: E402
+from layerlens_jax._src.peft import apply_plan, merge  # noqa: E402
+from layerlens_jax._src.sites import discover_sites, get_submodule, set_submodule  # noqa: E402
+from layerlens_jax._src.train import make_functional_train_step  # noqa: E402
 
 
 def loss_fn(model, batch):

@@ -31,8 +31,8 @@ import optax
 from flax import nnx
 
 from layerlens_jax.models import BertClassifier, BertConfig
-from layerlens_jax.profile import ProfileStep
-from layerlens_jax.sites import flatten_paths as _flat
+from layerlens_jax._src.profile import ProfileStep
+from layerlens_jax._src.sites import flatten_paths as _flat
 
 
 def loss_fn(model, batch):

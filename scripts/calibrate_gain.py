@@ -1,7 +1,7 @@
 """Calibrate the gain model's method efficiencies and LoRA saturation on a validation split.
 
 The allocator predicts ``gain = utility * efficiency[method] * x / (1 + x)`` with
-``x = size / saturation[method]`` (``layerlens_jax.costs.GainModel``; the ``[allocate]`` keys
+``x = size / saturation[method]`` (``layerlens_jax._src.costs.GainModel``; the ``[allocate]`` keys
 ``*_efficiency`` / ``*_saturation``). This script measures those numbers instead of assuming them:
 it fine-tunes the pretrained MiniLM-L6 on a real task with
 
@@ -27,9 +27,9 @@ import json
 import sys
 from pathlib import Path
 
-from layerlens_jax.config import load_config
-from layerlens_jax.pipeline import make_plans, prepare, run_profile, train_variant, write_json
-from layerlens_jax.plan import Plan, uniform_assignments
+from layerlens_jax.app.config import load_config
+from layerlens_jax.app.pipeline import make_plans, prepare, run_profile, train_variant, write_json
+from layerlens_jax._src.plan import Plan, uniform_assignments
 from validate_task import MAX_LENGTH  # the same per-task sequence lengths as the validation
 LINEAR = ("query", "key", "value", "out", "intermediate", "output")
 

@@ -16,10 +16,10 @@ import time
 import numpy as np
 import optax
 
-from layerlens_jax.data import encode_split, iterate_batches, load_task
-from layerlens_jax.pretrained import load_pretrained_bert, load_tokenizer
-from layerlens_jax.profile import profile
-from layerlens_jax.utility import UtilityConfig, utility, utility_report
+from layerlens_jax.app.data import encode_split, iterate_batches, load_task
+from layerlens_jax.app.pretrained import load_pretrained_bert, load_tokenizer
+from layerlens_jax._src.profile import profile
+from layerlens_jax._src.utility import UtilityConfig, utility, utility_report
 
 CONFIGS = {
     "default (0.75 F + 0.25 |g|^2)": UtilityConfig(),

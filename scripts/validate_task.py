@@ -36,8 +36,8 @@ import optax
 from flax import nnx
 from scipy import stats as sps
 
-from layerlens_jax.config import load_config
-from layerlens_jax.pipeline import (_mean_loss, evaluate_accuracy, make_plans, prepare,
+from layerlens_jax.app.config import load_config
+from layerlens_jax.app.pipeline import (_mean_loss, evaluate_accuracy, make_plans, prepare,
                                     run_profile, stats_to_json, train_variant,
                                     write_json)
 
@@ -49,15 +49,15 @@ def _cfg(task: str, args, scale: float = 1.0):
                  "train.steps": args.steps, "train.eval_every": max(args.steps // 3, 1),
                  "budget.scale": scale, "profile.batches": args.profile_batches,
                  "run.output_dir": str(Path(args.out) / task)}
-    from layerlens_jax.cli import _parse_set
+    from layerlens_jax.app.cli import _parse_set
     overrides.update(_parse_set(args.set))  # explicit --set wins
     return load_config(args.config, overrides)
 
 
 def predictive_validity(prep, stats, u, steps: int, lr: float) -> dict:
     """Validation-loss drop of training each LoRA-able site alone vs its utility (Spearman)."""
-    from layerlens_jax.data import iterate_batches
-    from layerlens_jax.peft import PEFT_FILTER, apply_plan
+    from layerlens_jax.app.data import iterate_batches
+    from layerlens_jax._src.peft import PEFT_FILTER, apply_plan
 
     sites = [s for s in stats.sites if s.kind == "linear" and s.path.startswith("encoder/")]
     util = {s.path: float(x) for s, x in zip(stats.sites, u)}
@@ -167,7 +167,7 @@ def main():
             bcfg = _cfg(task, args, scale)
             prep_b = dataclasses.replace(prep, cfg=bcfg)
             plans = make_plans(bcfg, list(stats.sites), u)
-            from layerlens_jax.plan import plan_metrics
+            from layerlens_jax._src.plan import plan_metrics
             store["plans"][f"{task}@{scale}"] = {
                 name: {"assignments": {k: list(v) for k, v in p.assignments().items()},
                        "params": p.use["params"],

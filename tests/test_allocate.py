@@ -11,12 +11,12 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from layerlens_jax.allocate import (SolverConfig, allocate, allocate_curve, allocate_exact,
+from layerlens_jax._src.allocate import (SolverConfig, allocate, allocate_curve, allocate_exact,
                                     build_problem, dual_value, lagrangian_allocate, solve_exact)
-from layerlens_jax.costs import Catalogue, CostModel, GainModel
+from layerlens_jax._src.costs import Catalogue, CostModel, GainModel
 from layerlens_jax.models import BertClassifier, BertConfig
-from layerlens_jax.plan import Plan, plan_metrics, uniform_assignments
-from layerlens_jax.sites import Site, discover_sites
+from layerlens_jax._src.plan import Plan, plan_metrics, uniform_assignments
+from layerlens_jax._src.sites import Site, discover_sites
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def _block_utility(sites, seed):
 def test_exclusive_nesting_against_the_exact_milp(sites, seed):
     """No site is adapted with an ancestor or descendant; the heuristic lands near the MILP that
     has every (ancestor, descendant) pair as a constraint row."""
-    from layerlens_jax.allocate import nested_conflicts
+    from layerlens_jax._src.allocate import nested_conflicts
 
     u = _block_utility(sites, seed)
     cat = Catalogue.from_sizes(lora=(1, 2, 4, 8), adapter=(2, 4, 8), prefix=(2, 4))

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layerlens_jax.checkpoint import (CheckpointError, read_checkpoint_metadata,
+from layerlens_jax._src.checkpoint import (CheckpointError, read_checkpoint_metadata,
                                       restore_adapters, save_adapters)
 from layerlens_jax.models import (BertClassifier, BertConfig, LinenBertClassifier,
                                   nnx_params_as_linen)
-from layerlens_jax.peft import PEFT_FILTER, adapter_state, apply_plan, init_adapters
+from layerlens_jax._src.peft import PEFT_FILTER, adapter_state, apply_plan, init_adapters
 
 CFG = BertConfig.tiny()
 L0 = "encoder/layers_0"

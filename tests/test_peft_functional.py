@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from layerlens_jax.peft import functional as F
+from layerlens_jax._src.peft import functional as F
 
 HI = lax.Precision.HIGHEST
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 from layerlens_jax.models import (BertClassifier, BertConfig, LinenBertClassifier,
                                   nnx_params_as_linen)
-from layerlens_jax.peft import (PeftLinen, adapter_state, applied_plan, apply_plan,
+from layerlens_jax._src.peft import (PeftLinen, adapter_state, applied_plan, apply_plan,
                                 count_trainable, init_adapters, load_adapter_state, merge)
 
 from plans import L0, MIXED

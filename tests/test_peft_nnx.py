@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 from layerlens_jax.models import BertClassifier, BertConfig, MLP
-from layerlens_jax.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
+from layerlens_jax._src.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
                                 adapter_state, applied_plan, apply_plan, count_trainable, merge)
-from layerlens_jax.sites import discover_sites, get_submodule
+from layerlens_jax._src.sites import discover_sites, get_submodule
 
 from plans import L0, MIXED
 
@@ -313,7 +313,7 @@ def test_prefix_padding_invariance(model, batch, mode):
 @pytest.mark.parametrize("mode", ["parallel", "joint"])
 def test_prefix_causal_with_mha(mode):
     mha = nnx.MultiHeadAttention(2, 8, decode=False, rngs=nnx.Rngs(0))
-    from layerlens_jax.peft.nnx_modules import prefix_target_info
+    from layerlens_jax._src.peft.nnx_modules import prefix_target_info
     info = prefix_target_info(mha)
     mha.attention_fn = nnx.data(Prefix(3, info["num_heads"], info["head_dim"],
                                        base_fn=mha.attention_fn, mode=mode, rngs=nnx.Rngs(1)))
@@ -414,7 +414,7 @@ def test_lora_on_scan_stacked_layers():
 @pytest.mark.parametrize("size", [1, 3, 16])
 def test_trainable_count_equals_cost_model(model, batch, size):
     """Every site x compatible method: the modules create exactly costs.trainable_params."""
-    costs = pytest.importorskip("layerlens_jax.costs")
+    costs = pytest.importorskip("layerlens_jax._src.costs")
     sites = discover_sites(model, example=batch)
     method_of = {"linear": "lora", "embedding": "lora", "block": "adapter", "attention": "prefix"}
     checked = 0
@@ -433,7 +433,7 @@ def test_trainable_count_equals_cost_model(model, batch, size):
 
 
 def test_real_plan_object(model, batch):
-    plan_mod = pytest.importorskip("layerlens_jax.plan")
+    plan_mod = pytest.importorskip("layerlens_jax._src.plan")
     sites = discover_sites(model, example=batch)
     assignments = {f"{L0}/attention/mha/query": ("lora", 4), f"{L0}/mlp": ("adapter", 8),
                    f"{L0}/attention/mha": ("prefix", 2)}

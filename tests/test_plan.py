@@ -9,12 +9,12 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from layerlens_jax.allocate import allocate
+from layerlens_jax._src.allocate import allocate
 from layerlens_jax.models import BertClassifier, BertConfig
-from layerlens_jax.plan import (SCHEMA_VERSION, Plan, SiteAllocation, hf_bert_module_name,
+from layerlens_jax._src.plan import (SCHEMA_VERSION, Plan, SiteAllocation, hf_bert_module_name,
                                 load_plan, plan_metrics, render_metrics_markdown, save_peft_config,
                                 save_plan, to_peft_config, uniform_assignments)
-from layerlens_jax.sites import discover_sites
+from layerlens_jax._src.sites import discover_sites
 
 
 @pytest.fixture(scope="module")

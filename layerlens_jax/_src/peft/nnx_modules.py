@@ -7,7 +7,7 @@ starts with :data:`PEFT_PREFIX` (``"peft_"``). So one filter selects what trains
 parameter dict, an optax label tree or a checkpoint. Careful: ``nnx.Param`` matches them too; the
 frozen base is ``nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))`` (:data:`BASE_FILTER`).
 
-The maths lives in :mod:`layerlens_jax.peft.functional`; these classes hold variables and
+The maths lives in :mod:`layerlens_jax._src.peft.functional`; these classes hold variables and
 dispatch.
 """
 
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layerlens_jax.peft import functional as F
+from layerlens_jax._src.peft import functional
 
 __all__ = [
     "PEFT_PREFIX",
@@ -153,7 +153,7 @@ class LoRA(nnx.Module):
 
     Compared with ``nnx.LoRALinear``: wraps any existing module instance (no re-creation, the base
     Variables are shared), has alpha scaling and rsLoRA, supports LinearGeneral / Einsum / Embed
-    (also ``attend``) / Conv, and :func:`layerlens_jax.peft.merge` folds it back into the kernel.
+    (also ``attend``) / Conv, and :func:`layerlens_jax._src.peft.merge` folds it back into the kernel.
 
     Attributes: ``base_module`` (the wrapped module), ``peft_lora_a``, ``peft_lora_b``
     (:class:`LoRAWeight`), static ``rank``, ``alpha``, ``use_rslora``, ``scale``, ``site``.
@@ -177,7 +177,7 @@ class LoRA(nnx.Module):
         self.rank = rank
         self.alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
-        self.scale = F.lora_scale(alpha, rank, use_rslora)
+        self.scale = functional.lora_scale(alpha, rank, use_rslora)
         self.dtype = dtype
         self.site = site
         self.peft_lora_a = LoRAWeight(_stacked_init(a_init, rngs.params(), self.stack,
@@ -197,23 +197,23 @@ class LoRA(nnx.Module):
         """The LoRA term alone for input ``x`` (what is added to the base output)."""
         a, b, base = self.peft_lora_a[...], self.peft_lora_b[...], self.base_module
         if self.kind == "linear":
-            return F.lora_delta(self._x(x), a, b, self.scale, dtype=self.dtype)
+            return functional.lora_delta(self._x(x), a, b, self.scale, dtype=self.dtype)
         if self.kind == "general":
-            return F.lora_general_delta(self._x(x), a, b, self.scale, axis=base.axis,
+            return functional.lora_general_delta(self._x(x), a, b, self.scale, axis=base.axis,
                                         out_shape=base.out_features, dtype=self.dtype)
         if self.kind == "einsum":
             einsum_str = kwargs.get("einsum_str") or base.einsum_str
-            return F.lora_einsum_delta(self._x(x), a, b, self.scale, einsum_str=einsum_str,
+            return functional.lora_einsum_delta(self._x(x), a, b, self.scale, einsum_str=einsum_str,
                                        kernel_shape=self.kernel_shape, dtype=self.dtype)
         if self.kind == "embed":
-            return F.lora_embed_delta(x, a, b, self.scale, dtype=self.dtype)
+            return functional.lora_embed_delta(x, a, b, self.scale, dtype=self.dtype)
         n = len(base.kernel_size)
         bcast = lambda v: (v,) * n if isinstance(v, int) or v is None else tuple(v)  # noqa: E731
         padding = base.padding
         if not isinstance(padding, str):
             from flax.nnx.nn.linear import canonicalize_padding
             padding = canonicalize_padding(padding, n)
-        return F.lora_conv_delta(self._x(x), a, b, self.scale, kernel_size=base.kernel_size,
+        return functional.lora_conv_delta(self._x(x), a, b, self.scale, kernel_size=base.kernel_size,
                                  strides=bcast(base.strides or 1), padding=padding,
                                  input_dilation=bcast(base.input_dilation or 1),
                                  kernel_dilation=bcast(base.kernel_dilation or 1),
@@ -228,7 +228,7 @@ class LoRA(nnx.Module):
         if self.kind != "embed":
             raise AttributeError(f"attend() exists only for an embedding LoRA, not {self.kind}")
         y = self.base_module.attend(query, **kwargs)
-        return y + F.lora_attend_delta(query, self.peft_lora_a[...], self.peft_lora_b[...],
+        return y + functional.lora_attend_delta(query, self.peft_lora_a[...], self.peft_lora_b[...],
                                        self.scale, dtype=self.dtype).astype(y.dtype)
 
     def merged_kernel(self) -> jax.Array:
@@ -238,7 +238,7 @@ class LoRA(nnx.Module):
         a = self.peft_lora_a[...].astype(jnp.float32)
         b = self.peft_lora_b[...].astype(jnp.float32)
         n = len(self.stack) if a.ndim > 2 else 0
-        fn = functools.partial(F.lora_delta_kernel, scale=self.scale, kernel_shape=kernel.shape[n:])
+        fn = functools.partial(functional.lora_delta_kernel, scale=self.scale, kernel_shape=kernel.shape[n:])
         for _ in range(n):
             fn = jax.vmap(fn)
         delta = fn(a, b)
@@ -271,7 +271,7 @@ class Adapter(nnx.Module):
         if not isinstance(features, int) or features <= 0:
             raise ValueError(f"adapter width for {_site_name(site)} must be a positive int, "
                              f"got {features!r}")
-        F.activation_fn(activation)  # validate early
+        functional.activation_fn(activation)  # validate early
         self.base_module = nnx.data(base_module)
         self.bottleneck = bottleneck
         self.features = features
@@ -295,7 +295,7 @@ class Adapter(nnx.Module):
         if h.shape[-1] != self.features:
             raise ValueError(f"adapter on {_site_name(self.site)} was built for width "
                              f"{self.features} but the block returned shape {h.shape}")
-        return F.adapter_delta(h, self.peft_adapter_down[...], self.peft_adapter_down_bias[...],
+        return functional.adapter_delta(h, self.peft_adapter_down[...], self.peft_adapter_down_bias[...],
                                self.peft_adapter_up[...], self.peft_adapter_up_bias[...],
                                self.activation, dtype=self.dtype)
 
@@ -311,10 +311,10 @@ class Prefix(nnx.Module):
     """Learned prefix keys and values for a multi-head attention module.
 
     An instance is an ``attention_fn``: assign it to ``nnx.MultiHeadAttention.attention_fn`` (what
-    :func:`layerlens_jax.peft.apply_plan` does) and it is called as
+    :func:`layerlens_jax._src.peft.apply_plan` does) and it is called as
     ``prefix(query, key, value, mask=..., is_causal=..., **kwargs)`` with ``query`` shaped
     ``(batch..., length, heads, head_dim)``; it calls the module's previous ``attention_fn``
-    (``base_fn``) for the sequence part. See :func:`layerlens_jax.peft.functional.prefix_attention`
+    (``base_fn``) for the sequence part. See :func:`layerlens_jax._src.peft.functional.prefix_attention`
     for the two modes (``"parallel"``: identity at init, the default; ``"joint"``: one softmax).
 
     **Opt-in protocol for user attention modules**: a module can take a prefix when it has an
@@ -374,7 +374,7 @@ class Prefix(nnx.Module):
         """The prefix keys and values, each ``(length, kv_heads, head_dim)``."""
         if self.reparam_hidden is None:
             return self.peft_prefix_key[...], self.peft_prefix_value[...]
-        return F.prefix_reparam(self.peft_prefix_embed[...], self.peft_prefix_mlp_w1[...],
+        return functional.prefix_reparam(self.peft_prefix_embed[...], self.peft_prefix_mlp_w1[...],
                                 self.peft_prefix_mlp_b1[...], self.peft_prefix_mlp_w2[...],
                                 self.peft_prefix_mlp_b2[...], self.num_heads, self.head_dim)
 
@@ -387,7 +387,7 @@ class Prefix(nnx.Module):
                                  f"supported in 'joint' mode")
             kwargs["bias"] = bias
         passed = is_causal is not _ATTN_KWARGS_WITHOUT_CAUSAL
-        return F.prefix_attention(query, key, value, pk, pv, base_fn=self.base_fn, mode=self.mode,
+        return functional.prefix_attention(query, key, value, pk, pv, base_fn=self.base_fn, mode=self.mode,
                                   mask=mask, is_causal=bool(is_causal) if passed else False,
                                   pass_is_causal=passed, base_kwargs=kwargs)
 

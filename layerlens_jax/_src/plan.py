@@ -32,9 +32,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from layerlens_jax.costs import (METHOD_KINDS, METHODS, RESOURCES, Catalogue, CostModel, GainModel,
+from layerlens_jax._src.costs import (METHOD_KINDS, METHODS, RESOURCES, Catalogue, CostModel, GainModel,
                                  cost_class, option_costs)
-from layerlens_jax.sites import KINDS, Site
+from layerlens_jax._src.sites import KINDS, Site
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -121,9 +121,9 @@ def _jsonable(x):
 class SiteAllocation:
     """The option chosen for one site.
 
-    ``cost`` maps every resource of :data:`~layerlens_jax.costs.RESOURCES` to this option's cost,
+    ``cost`` maps every resource of :data:`~layerlens_jax._src.costs.RESOURCES` to this option's cost,
     ``gain`` is the predicted gain, ``cost_class`` a key shared by sites whose costs are equal for
-    every option (:func:`~layerlens_jax.costs.cost_class`), ``pinned`` whether the user fixed it.
+    every option (:func:`~layerlens_jax._src.costs.cost_class`), ``pinned`` whether the user fixed it.
     """
 
     site: str

@@ -77,7 +77,7 @@ Gain model
 increasing saturation ``sigma`` with ``sigma(0) = 0`` (see :class:`GainModel`). Because ``g`` is the
 utility times a function of the option alone, the per-site Lagrangian score ``u*a(k) - lambda.c(k)``
 has increasing differences in ``(u, k)``: among sites with the same costs, a larger utility never
-gets a smaller size (the allocator also enforces this exactly, see :mod:`layerlens_jax.allocate`).
+gets a smaller size (the allocator also enforces this exactly, see :mod:`layerlens_jax._src.allocate`).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from layerlens_jax.sites import KINDS, Site
+from layerlens_jax._src.sites import KINDS, Site
 
 __all__ = [
     "RESOURCES",

@@ -1,6 +1,6 @@
 """The end-to-end job: profile → utility → plans → train → evaluate → report, on real data.
 
-Every stage is a function of the :class:`~layerlens_jax.config.RunConfig` and the files that the
+Every stage is a function of the :class:`~layerlens_jax.app.config.RunConfig` and the files that the
 previous stages wrote to the run directory, so the CLI can run them one at a time or all in order:
 
 ====================  ==========================================================================
@@ -40,11 +40,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from layerlens_jax.config import RunConfig
+from layerlens_jax.app.config import RunConfig
 from layerlens_jax.models import BertClassifier, BertConfig
-from layerlens_jax.profile import LayerStats, profile, sampled_label_loss
-from layerlens_jax.sites import Site, discover_sites
-from layerlens_jax.utility import UtilityConfig, utility, utility_report
+from layerlens_jax._src.profile import LayerStats, profile, sampled_label_loss
+from layerlens_jax._src.sites import Site, discover_sites
+from layerlens_jax._src.utility import UtilityConfig, utility, utility_report
 
 __all__ = ["Prepared", "prepare", "classification_loss", "run_profile", "make_plans",
            "train_variant", "evaluate_accuracy", "write_json", "read_json", "PLAN_VARIANTS"]
@@ -100,8 +100,8 @@ class Prepared:
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Load the task and tokenise every split once; a builder for the model."""
-    from layerlens_jax.data import encode_split, load_task
-    from layerlens_jax.pretrained import load_pretrained_bert, load_tokenizer
+    from layerlens_jax.app.data import encode_split, load_task
+    from layerlens_jax.app.pretrained import load_pretrained_bert, load_tokenizer
 
     task = load_task(cfg.data.task, seed=cfg.data.split_seed,
                      max_examples=cfg.data.max_examples or None)
@@ -148,7 +148,7 @@ def _logits(model, batch):
 
 def run_profile(prep: Prepared, *, progress: bool = True) -> tuple[LayerStats, np.ndarray, Any]:
     """Profile the adaptable sites (the head excluded) on training batches."""
-    from layerlens_jax.data import iterate_batches
+    from layerlens_jax.app.data import iterate_batches
 
     cfg = prep.cfg
     model = prep.build_model(cfg.run.seed)
@@ -173,8 +173,8 @@ def warm_up_head(prep: Prepared, model, steps: int) -> None:
     batches, so that profiling sees gradients through a head that already separates the classes
     rather than through a random one. Used for profiling only: every variant still trains from the
     fresh head of its seed."""
-    from layerlens_jax.data import iterate_batches
-    from layerlens_jax.train import make_functional_train_step, write_back
+    from layerlens_jax.app.data import iterate_batches
+    from layerlens_jax._src.train import make_functional_train_step, write_back
 
     cfg = prep.cfg
     step, state = make_functional_train_step(model, optax.adam(cfg.train.head_learning_rate),
@@ -189,7 +189,7 @@ def warm_up_head(prep: Prepared, model, steps: int) -> None:
 
 def _endless_batches(prep: Prepared, seed: int, first_epoch: int = 0):
     """Full training batches of ``seed``'s shuffled order, epoch after epoch."""
-    from layerlens_jax.data import iterate_batches
+    from layerlens_jax.app.data import iterate_batches
 
     epoch = first_epoch
     while True:
@@ -230,9 +230,9 @@ def sites_from_json(d: dict[str, Any]) -> tuple[list[Site], np.ndarray]:
 
 def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray) -> dict[str, Any]:
     """The three plan variants at the same trainable-parameter budget."""
-    from layerlens_jax.allocate import allocate
-    from layerlens_jax.costs import Catalogue
-    from layerlens_jax.plan import Plan, uniform_assignments
+    from layerlens_jax._src.allocate import allocate
+    from layerlens_jax._src.costs import Catalogue
+    from layerlens_jax._src.plan import Plan, uniform_assignments
 
     b, a = cfg.budget, cfg.allocate
     peft_options = {"lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora}
@@ -275,7 +275,7 @@ def _head_filter(head: tuple[str, ...]):
 
 def build_variant(prep: Prepared, variant: str, plan, seed: int):
     """(model, trainable filter) for a variant; the base encoder and head come from ``seed``."""
-    from layerlens_jax.peft import PEFT_FILTER, apply_plan
+    from layerlens_jax._src.peft import PEFT_FILTER, apply_plan
 
     base = prep.build_model(seed)
     head = _head_filter(prep.cfg.train.head)
@@ -318,7 +318,7 @@ def _eval_logits(graphdef, state, batch):
 def evaluate_accuracy(model, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, float]:
     """Accuracy and mean loss over a split (padding examples excluded). Compiles once per model
     structure and batch shape."""
-    from layerlens_jax.data import iterate_batches
+    from layerlens_jax.app.data import iterate_batches
 
     graphdef, state = nnx.split(model)
     hit = loss = n = 0.0
@@ -342,8 +342,8 @@ def _xla_bytes(jitted, *args) -> float | None:
 def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bool = True,
                   keep_model: bool = False) -> dict[str, Any]:
     """Train one variant with one seed; returns its figures (and the model if ``keep_model``)."""
-    from layerlens_jax.data import num_batches
-    from layerlens_jax.train import make_functional_train_step, write_back
+    from layerlens_jax.app.data import num_batches
+    from layerlens_jax._src.train import make_functional_train_step, write_back
 
     cfg = prep.cfg
     model, wrt = build_variant(prep, variant, plan, seed)

@@ -4,12 +4,12 @@ NNX: module surgery on a clone (``inplace=True`` to edit the given model). LoRA 
 *wrap* the site's module (``site -> LoRA(base_module=site)``), so the base parameters of a
 wrapped site move one level down (``.../query/base_module/kernel``); :func:`merge` restores the
 original tree for LoRA. Prefix tuning replaces the attention module's ``attention_fn`` with a
-:class:`~layerlens_jax.peft.Prefix` (nothing is wrapped). Sites are processed deepest first, so a
+:class:`~layerlens_jax._src.peft.Prefix` (nothing is wrapped). Sites are processed deepest first, so a
 plan may adapt a block, its attention module and the projections inside it at once.
 
-Linen: :func:`apply_plan` returns a :class:`~layerlens_jax.peft.linen.PeftLinen` wrapper that
+Linen: :func:`apply_plan` returns a :class:`~layerlens_jax._src.peft.linen.PeftLinen` wrapper that
 shares the model's scope and creates adapter parameters inside the intercepted modules (parameter
-paths ``<site>/peft_*``, the base tree unchanged). See :mod:`layerlens_jax.peft.linen`.
+paths ``<site>/peft_*``, the base tree unchanged). See :mod:`layerlens_jax._src.peft.linen`.
 
 Identity at initialisation: every method's added term is exactly zero at init, so a wrapped model's
 outputs equal the base model's bit for bit when run op by op (tested for every method and mixed
@@ -34,10 +34,10 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from layerlens_jax.peft.nnx_modules import (PEFT_FILTER, PEFT_PREFIX, Adapter, LoRA,
+from layerlens_jax._src.peft.nnx_modules import (PEFT_FILTER, PEFT_PREFIX, Adapter, LoRA,
                                             PeftParam, Prefix, lora_target_info,
                                             prefix_target_info)
-from layerlens_jax.sites import Site, discover_sites, get_submodule, join_path, set_submodule, \
+from layerlens_jax._src.sites import Site, discover_sites, get_submodule, join_path, set_submodule, \
     site_kind_of
 
 __all__ = [
@@ -171,15 +171,15 @@ def apply_plan(model: Any, plan: Any, *, inplace: bool = False, example: Any = N
         example inputs of the model's ``__call__`` or already-discovered sites.
       **options: :class:`PeftOptions` fields, overriding the plan's ``peft_options``.
 
-    Returns the wrapped NNX model, or a :class:`~layerlens_jax.peft.linen.PeftLinen` (initialise
-    its adapters with :func:`~layerlens_jax.peft.linen.init_adapters`).
+    Returns the wrapped NNX model, or a :class:`~layerlens_jax._src.peft.linen.PeftLinen` (initialise
+    its adapters with :func:`~layerlens_jax._src.peft.linen.init_adapters`).
 
     Raises ``ValueError`` naming the site for a site the model lacks or a method its kind cannot
     take, before touching the model.
     """
     assignments, opts = normalize_plan(plan, **options)
     if isinstance(model, nn.Module):
-        from layerlens_jax.peft.linen import PeftLinen
+        from layerlens_jax._src.peft.linen import PeftLinen
         if inplace:
             raise ValueError("inplace=True has no meaning for a Linen module (they are immutable)")
         return PeftLinen.create(model, assignments, opts)
@@ -254,7 +254,7 @@ def _peft_modules(model: nnx.Module):
 
 def applied_plan(model: Any) -> dict[str, tuple[str, int]]:
     """``{site: (method, size)}`` of the adapters a wrapped model carries (NNX model or
-    :class:`~layerlens_jax.peft.linen.PeftLinen`)."""
+    :class:`~layerlens_jax._src.peft.linen.PeftLinen`)."""
     if isinstance(model, nn.Module):
         return dict((s, (m, z)) for s, m, z in getattr(model, "assignments", ()))
     return {m.site: (m.method, m.size) for m in _peft_modules(model)}
@@ -275,7 +275,7 @@ def merge(model: Any, variables: Mapping | None = None, *, inplace: bool = False
     softmax keys are not linear maps of the base weights): they stay as they are.
     """
     if isinstance(model, nn.Module):
-        from layerlens_jax.peft.linen import merge_linen
+        from layerlens_jax._src.peft.linen import merge_linen
         if variables is None:
             raise ValueError("merge of a Linen wrapper needs its variables: merge(module, variables)")
         return merge_linen(model, variables)
@@ -310,7 +310,7 @@ def optax_labels(params: Any, trainable: str = "trainable", frozen: str = "froze
     """Labels for ``optax.multi_transform``: ``trainable`` at adapter leaves, ``frozen`` elsewhere.
 
     Prefer differentiating only the adapter partition (:func:`partition_params`,
-    :mod:`layerlens_jax.train`): ``optax.set_to_zero`` on frozen leaves still rewrites ``-0.0``.
+    :mod:`layerlens_jax._src.train`): ``optax.set_to_zero`` on frozen leaves still rewrites ``-0.0``.
     """
     return jax.tree.map(lambda m: trainable if m else frozen, trainable_mask(params))
 

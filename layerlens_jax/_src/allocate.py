@@ -34,9 +34,9 @@ The problem is a multiple-choice, multi-resource knapsack over a sites x options
 6. The result carries ``dual_bound = L(lam)`` on the full matrix: ``objective <= optimum <= dual_bound``.
 
 The function is pure and vmappable over budgets (:func:`allocate_curve`). :func:`allocate` is the
-public entry that builds the matrices from sites, utility and a :class:`~layerlens_jax.costs.CostModel`,
+public entry that builds the matrices from sites, utility and a :class:`~layerlens_jax._src.costs.CostModel`,
 verifies the result in float64 (hard budget check, repaired if float32 rounding ever crossed a
-budget) and returns a :class:`~layerlens_jax.plan.Plan`. :func:`allocate_exact` solves the same
+budget) and returns a :class:`~layerlens_jax._src.plan.Plan`. :func:`allocate_exact` solves the same
 problem as a MILP with ``scipy.optimize.milp`` (HiGHS) for reference.
 """
 
@@ -52,10 +52,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerlens_jax.costs import (METHODS, RESOURCES, Catalogue, CostModel, GainModel, cost_class,
+from layerlens_jax._src.costs import (METHODS, RESOURCES, Catalogue, CostModel, GainModel, cost_class,
                                  option_costs, option_mask)
-from layerlens_jax.plan import Plan, SiteAllocation, default_peft_options
-from layerlens_jax.sites import Site
+from layerlens_jax._src.plan import Plan, SiteAllocation, default_peft_options
+from layerlens_jax._src.sites import Site
 
 __all__ = [
     "SolverConfig",
@@ -604,7 +604,7 @@ def build_problem(sites: Sequence[Site], utility, budgets: Mapping[str, float], 
         raise ValueError("allocate needs at least one site")
     for s in sites:
         if not isinstance(s, Site):
-            raise TypeError(f"sites must be layerlens_jax.sites.Site records, got {type(s).__name__}")
+            raise TypeError(f"sites must be layerlens_jax._src.sites.Site records, got {type(s).__name__}")
     paths = [s.path for s in sites]
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
@@ -782,11 +782,11 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
     """Choose a method and size per site under every budget at once; returns a :class:`Plan`.
 
     Args:
-      sites: from :func:`~layerlens_jax.sites.discover_sites`.
+      sites: from :func:`~layerlens_jax._src.sites.discover_sites`.
       utility: one score per site, same order (finite, >= 0).
-      budgets: ``{resource: limit}`` over any subset of :data:`~layerlens_jax.costs.RESOURCES`.
+      budgets: ``{resource: limit}`` over any subset of :data:`~layerlens_jax._src.costs.RESOURCES`.
       catalogue / cost_model / gain_model: options, cost formulas, gain model (defaults documented
-        in :mod:`layerlens_jax.costs`).
+        in :mod:`layerlens_jax._src.costs`).
       utilisation: ``hi`` or ``(lo, hi)``: use at most ``hi`` of each budget (the seed's band is
         ``(0.80, 0.88)``); without it the fill goes as close to the binding budget as the size grid
         allows.

@@ -8,7 +8,7 @@ imported: its import pulls in heavy dependencies)::
 
 ``load_task(name, seed=0)`` validates the file, deduplicates, and returns :class:`TaskSplits` with
 deterministic, stratified train / validation / test splits. ``encode_split`` tokenises a split once
-(see ``layerlens_jax.pretrained.encode_texts``) and ``iterate_batches`` yields fixed-shape batches in a
+(see ``layerlens_jax.app.pretrained.encode_texts``) and ``iterate_batches`` yields fixed-shape batches in a
 seeded order, so a jitted step compiles once.
 
 Errors are loud: a missing package names the install command, a malformed line names the file and line
@@ -394,7 +394,7 @@ def encode_split(data: TaskData, tokenizer: Any, max_length: int, *,
     """Tokenise a split once: ``input_ids, attention_mask, token_type_ids`` (N, T) int32 and
     ``labels`` (N,) int32. With ``pad_to_max_length`` every split has T = ``max_length`` (one jit
     compilation for all); otherwise T is the longest example of this split."""
-    from layerlens_jax.pretrained import encode_texts  # local: keeps this module flax-free
+    from layerlens_jax.app.pretrained import encode_texts  # local: keeps this module flax-free
 
     arrays = encode_texts(tokenizer, list(data.texts), max_length,
                           pad_to_max_length=pad_to_max_length)

@@ -1,7 +1,7 @@
 """Parameter-efficient fine-tuning modules and plan application (NNX first-class, Linen too).
 
 * :class:`LoRA`, :class:`Adapter`, :class:`Prefix`: NNX modules (thin shells over
-  :mod:`layerlens_jax.peft.functional`); adapter variables are :class:`PeftParam` (an
+  :mod:`layerlens_jax._src.peft.functional`); adapter variables are :class:`PeftParam` (an
   ``nnx.LoRAParam``) named ``peft_*``.
 * :func:`apply_plan`: wrap a model's planned sites (NNX surgery / Linen interception).
 * :func:`merge`: fold LoRA into base kernels (adapters and prefixes are not mergeable).
@@ -11,14 +11,14 @@
   :func:`load_adapter_state`.
 """
 
-from layerlens_jax.peft import functional
-from layerlens_jax.peft.apply import (METHOD_KINDS, METHODS, PeftOptions, adapter_state,
+from layerlens_jax._src.peft import functional
+from layerlens_jax._src.peft.apply import (METHOD_KINDS, METHODS, PeftOptions, adapter_state,
                                       applied_plan, apply_plan, check_adapter_state,
                                       combine_params, count_trainable, is_peft_path,
                                       load_adapter_state, merge, normalize_plan, optax_labels,
                                       partition_params, trainable_mask)
-from layerlens_jax.peft.linen import PeftLinen, init_adapters, merge_linen
-from layerlens_jax.peft.nnx_modules import (BASE_FILTER, PEFT_FILTER, PEFT_PREFIX, Adapter,
+from layerlens_jax._src.peft.linen import PeftLinen, init_adapters, merge_linen
+from layerlens_jax._src.peft.nnx_modules import (BASE_FILTER, PEFT_FILTER, PEFT_PREFIX, Adapter,
                                             AdapterWeight, LoRA, LoRAWeight, PeftParam, Prefix,
                                             PrefixWeight)
 

@@ -1,4 +1,4 @@
-"""``layerlens``: the command-line front of :mod:`layerlens_jax.pipeline`.
+"""``layerlens``: the command-line front of :mod:`layerlens_jax.app.pipeline`.
 
     layerlens run      -c configs/default.toml      # profile, plan, train, evaluate, report
     layerlens profile  -c CONFIG                    # each stage alone, reading/writing the run dir
@@ -45,7 +45,7 @@ def _out(cfg) -> Path:
 
 
 def stage_profile(cfg, prep, log) -> None:
-    from layerlens_jax.pipeline import run_profile, stats_to_json, write_json
+    from layerlens_jax.app.pipeline import run_profile, stats_to_json, write_json
 
     t0 = time.perf_counter()
     stats, u, rep = run_profile(prep)
@@ -58,8 +58,8 @@ def stage_profile(cfg, prep, log) -> None:
 
 
 def _load_plans(cfg):
-    from layerlens_jax.pipeline import PLAN_VARIANTS
-    from layerlens_jax.plan import load_plan
+    from layerlens_jax.app.pipeline import PLAN_VARIANTS
+    from layerlens_jax._src.plan import load_plan
 
     plans = {}
     for v in PLAN_VARIANTS:
@@ -71,8 +71,8 @@ def _load_plans(cfg):
 
 
 def stage_plan(cfg, prep, log) -> None:
-    from layerlens_jax.pipeline import make_plans, read_json, sites_from_json
-    from layerlens_jax.plan import (hf_bert_module_name, plan_metrics, render_metrics_markdown,
+    from layerlens_jax.app.pipeline import make_plans, read_json, sites_from_json
+    from layerlens_jax._src.plan import (hf_bert_module_name, plan_metrics, render_metrics_markdown,
                                     save_peft_config, save_plan)
 
     sites, u = sites_from_json(read_json(_out(cfg) / "stats.json", "profile"))
@@ -99,8 +99,8 @@ def _save_head(path: Path, model, head) -> None:
     import numpy as np
     from flax import nnx
 
-    from layerlens_jax.pipeline import _head_filter
-    from layerlens_jax.sites import flatten_paths as _flat
+    from layerlens_jax.app.pipeline import _head_filter
+    from layerlens_jax._src.sites import flatten_paths as _flat
 
     flat = {k: np.asarray(v) for k, v in _flat(nnx.state(model, _head_filter(head))
                                                  .to_pure_dict()).items()}
@@ -116,8 +116,8 @@ def _load_head(path: Path, model, head) -> None:
     import numpy as np
     from flax import nnx
 
-    from layerlens_jax.pipeline import _head_filter
-    from layerlens_jax.sites import flatten_paths as _flat
+    from layerlens_jax.app.pipeline import _head_filter
+    from layerlens_jax._src.sites import flatten_paths as _flat
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `layerlens train` first")
@@ -142,8 +142,8 @@ def _load_head(path: Path, model, head) -> None:
 
 
 def stage_train(cfg, prep, log) -> None:
-    from layerlens_jax.checkpoint import save_adapters
-    from layerlens_jax.pipeline import (comparison_markdown, summarise, train_variant,
+    from layerlens_jax._src.checkpoint import save_adapters
+    from layerlens_jax.app.pipeline import (comparison_markdown, summarise, train_variant,
                                         write_json)
 
     plans = _load_plans(cfg)
@@ -168,8 +168,8 @@ def stage_train(cfg, prep, log) -> None:
 
 
 def stage_evaluate(cfg, prep, log) -> None:
-    from layerlens_jax.checkpoint import restore_adapters
-    from layerlens_jax.pipeline import build_variant, evaluate_accuracy, write_json
+    from layerlens_jax._src.checkpoint import restore_adapters
+    from layerlens_jax.app.pipeline import build_variant, evaluate_accuracy, write_json
 
     plans = _load_plans(cfg)
     seed = cfg.compare.seeds[0]
@@ -207,10 +207,10 @@ def verdict(summary: list[dict[str, Any]]) -> str | None:
 
 
 def stage_report(cfg, prep, log) -> None:
-    from layerlens_jax import report as R
-    from layerlens_jax.pipeline import comparison_markdown, read_json, write_json
-    from layerlens_jax.plan import plan_metrics, render_metrics_markdown
-    from layerlens_jax.utility import UtilityReport
+    from layerlens_jax.app import report as R
+    from layerlens_jax.app.pipeline import comparison_markdown, read_json, write_json
+    from layerlens_jax._src.plan import plan_metrics, render_metrics_markdown
+    from layerlens_jax._src.utility import UtilityReport
 
     out = _out(cfg)
     stats_json = read_json(out / "stats.json", "profile")
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the final summary")
     args = ap.parse_args(argv)
 
-    from layerlens_jax.config import ConfigError, load_config
+    from layerlens_jax.app.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, _parse_set(args.set))
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layerlens: config error: {e}", file=sys.stderr)
         return 2
     log = (lambda msg: None) if args.quiet else print
-    from layerlens_jax.pipeline import prepare, write_json
+    from layerlens_jax.app.pipeline import prepare, write_json
 
     t0 = time.perf_counter()
     try:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from layerlens_jax.profile import LayerStats
+from layerlens_jax._src.profile import LayerStats
 
 __all__ = ["UtilityConfig", "UtilityReport", "utility", "utility_report", "UTILITY_TARGETS"]
 

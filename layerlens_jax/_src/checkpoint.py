@@ -27,9 +27,9 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from layerlens_jax.peft.apply import (_flatten, _unflatten, adapter_state, applied_plan,
+from layerlens_jax._src.peft.apply import (_flatten, _unflatten, adapter_state, applied_plan,
                                       load_adapter_state)
-from layerlens_jax.peft.nnx_modules import Adapter, LoRA, Prefix
+from layerlens_jax._src.peft.nnx_modules import Adapter, LoRA, Prefix
 
 __all__ = ["CheckpointError", "save_adapters", "restore_adapters", "read_checkpoint_metadata",
            "FORMAT", "FORMAT_VERSION"]

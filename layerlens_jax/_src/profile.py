@@ -54,7 +54,7 @@ from flax import linen as nn
 from flax import nnx
 from flax import struct
 
-from layerlens_jax.sites import (Site, discover_sites, flatten_paths as _flat, get_submodule,
+from layerlens_jax._src.sites import (Site, discover_sites, flatten_paths as _flat, get_submodule,
                                  join_path, set_submodule)
 
 __all__ = ["LayerStats", "ProfileStep", "profile", "sampled_label_loss"]

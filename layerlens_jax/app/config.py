@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
-from layerlens_jax.costs import DEFAULT_EFFICIENCY, DEFAULT_SATURATION, METHODS, GainModel
+from layerlens_jax._src.costs import DEFAULT_EFFICIENCY, DEFAULT_SATURATION, METHODS, GainModel
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "VARIANTS"]
 
@@ -92,7 +92,7 @@ class AllocateSection:
     # alpha 2*sqrt(8) gives rank 8 the baseline's scale 2, without rank 1 getting 8x rank 16's.
     lora_alpha: float = 5.656854249492381
     use_rslora: bool = True
-    # The gain model (layerlens_jax.costs.GainModel): gain = utility * efficiency * x / (1 + x),
+    # The gain model (layerlens_jax._src.costs.GainModel): gain = utility * efficiency * x / (1 + x),
     # x = size / saturation: the size at which a method reaches half its attainable gain.
     # Defaults measured on a validation split (costs.DEFAULT_EFFICIENCY / DEFAULT_SATURATION).
     lora_efficiency: float = DEFAULT_EFFICIENCY["lora"]

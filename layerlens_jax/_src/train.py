@@ -1,6 +1,6 @@
 """Training helpers for wrapped models: masked optimizers and jit-compiled train steps.
 
-The adapter state is selected by one filter (:data:`layerlens_jax.peft.PEFT_FILTER`, an
+The adapter state is selected by one filter (:data:`layerlens_jax._src.peft.PEFT_FILTER`, an
 ``nnx.LoRAParam`` subclass) in NNX and by one name predicate (``peft_*`` leaves) in Linen. The
 train steps differentiate *only* that state and the optimizer holds state only for it, so the base
 weights are never written: they stay bit-for-bit unchanged (not merely "updated by zero").
@@ -29,8 +29,8 @@ import optax
 from flax import linen as nn
 from flax import nnx
 
-from layerlens_jax.peft.apply import combine_params, optax_labels, partition_params
-from layerlens_jax.peft.nnx_modules import PEFT_FILTER
+from layerlens_jax._src.peft.apply import combine_params, optax_labels, partition_params
+from layerlens_jax._src.peft.nnx_modules import PEFT_FILTER
 
 __all__ = [
     "make_optimizer",
@@ -174,7 +174,7 @@ def make_linen_train_step(module: nn.Module, variables: Mapping, tx: optax.Gradi
         trainable = jax.tree.map(jnp.copy, trainable)
     if not jax.tree.leaves(trainable):
         raise ValueError("these variables have no adapter (peft_*) parameters; initialise them with "
-                         "layerlens_jax.peft.init_adapters first")
+                         "layerlens_jax._src.peft.init_adapters first")
     other = {k: v for k, v in variables.items() if k != "params"}
     state = LinenTrainState(trainable, frozen, other, tx.init(trainable), jnp.zeros((), jnp.int32))
 
