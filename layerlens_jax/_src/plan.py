@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import types
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 
 from layerlens_jax._src.costs import (METHOD_KINDS, METHODS, RESOURCES, Catalogue, CostModel, GainModel,
                                  cost_class, option_costs)
+from layerlens_jax._src.fileio import atomic_write_text
 from layerlens_jax._src.sites import KINDS, Site
 
 __all__ = [
@@ -447,26 +447,9 @@ def _allocation_from_dict(a: Any, n: int) -> SiteAllocation:
                           cost_class=a.get("cost_class", ""), pinned=a.get("pinned", False))
 
 
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_plan(plan: Plan, path: str | os.PathLike) -> None:
     """Write the plan's JSON atomically (temporary file in the same folder, then ``os.replace``)."""
-    _atomic_write(path, plan.to_json() + "\n")
+    atomic_write_text(path, plan.to_json() + "\n")
 
 
 def load_plan(path: str | os.PathLike, sites: Iterable[Site | str] | None = None) -> Plan:
@@ -795,6 +778,6 @@ def save_peft_config(plan: Plan, directory: str | os.PathLike, module_name_map=N
                      **kwargs) -> list[dict[str, Any]]:
     """Write ``directory/adapter_config.json`` (atomically); returns what was dropped."""
     config, dropped = to_peft_config(plan, module_name_map, **kwargs)
-    _atomic_write(os.path.join(os.fspath(directory), "adapter_config.json"),
+    atomic_write_text(os.path.join(os.fspath(directory), "adapter_config.json"),
                   json.dumps(config, indent=2) + "\n")
     return dropped

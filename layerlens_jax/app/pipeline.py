@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from layerlens_jax._src.fileio import atomic_write_json
 from layerlens_jax.app.config import RunConfig
 from layerlens_jax.models import BertClassifier, BertConfig
 from layerlens_jax._src.profile import LayerStats, profile, sampled_label_loss
@@ -55,20 +55,7 @@ PLAN_VARIANTS = ("uniform_lora", "layerlens_lora", "layerlens_mixed")
 # ----------------------------------------------------------------------------------- files
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file in the same directory, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+write_json = atomic_write_json
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
