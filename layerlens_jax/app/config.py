@@ -42,8 +42,14 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    task: str = "trec6"
+    task: str = "trec6"  # a shipped task, or "local": your own files (path, ...)
     max_examples: int = 0  # 0: the whole data set; else a seeded stratified subsample
+    train_examples: int = 0  # 0: the whole training split; else a stratified subsample of it
+    path: str = ""  # task "local": your CSV / JSON Lines file; else replaces the shipped file
+    validation_path: str = ""  # task "local": your own validation and test files (both or
+    test_path: str = ""  # neither; neither: path is split like a shipped task)
+    text_field: str = "text"  # task "local": the field names
+    label_field: str = "label"
     split_seed: int = 0
     batch_size: int = 32
     eval_batch_size: int = 128
@@ -158,7 +164,7 @@ _CHOICES = {
     "model.source": ("pretrained", "random"),
     "model.size": ("tiny", "minilm_l6"),
     "model.pooling": ("mean", "cls"),
-    "data.task": ("trec6", "movie_sentiment"),
+    "data.task": ("trec6", "trec50", "movie_sentiment", "tweet_sentiment", "local"),
     "utility.transform": ("linear", "sqrt"),
     "utility.source": ("empirical", "sampled"),
 }
@@ -168,7 +174,7 @@ _POSITIVE = {"model.max_length", "data.batch_size", "data.eval_batch_size", "pro
              "budget.train_flops", "budget.infer_flops", "budget.vram_bytes", "budget.latency",
              "budget.reference_alpha", "allocate.lora_alpha", "allocate.lora_saturation",
              "allocate.adapter_saturation", "allocate.prefix_saturation"}
-_NON_NEGATIVE = {"data.max_examples", "profile.head_warmup_steps", "train.weight_decay",
+_NON_NEGATIVE = {"data.max_examples", "data.train_examples", "profile.head_warmup_steps", "train.weight_decay",
                  "train.warmup_steps", "utility.fisher_weight", "utility.grad_weight",
                  "allocate.lora_efficiency", "allocate.adapter_efficiency",
                  "allocate.prefix_efficiency"}
@@ -247,6 +253,12 @@ def _cross_checks(cfg: RunConfig) -> None:
     if cfg.compare.main not in ("uniform_lora", "layerlens_lora", "layerlens_mixed"):
         raise ConfigError(f"compare.main must be a plan variant (uniform_lora, layerlens_lora, "
                           f"layerlens_mixed), got {cfg.compare.main!r}")
+    if cfg.data.task == "local" and not cfg.data.path:
+        raise ConfigError('data.task = "local" needs data.path (your CSV or JSON Lines file)')
+    if cfg.data.task != "local" and (cfg.data.validation_path or cfg.data.test_path):
+        raise ConfigError("data.validation_path / data.test_path are for data.task = \"local\"")
+    if bool(cfg.data.validation_path) != bool(cfg.data.test_path):
+        raise ConfigError("give both data.validation_path and data.test_path, or neither")
     if not cfg.compare.seeds:
         raise ConfigError("compare.seeds must list at least one seed")
     u = cfg.budget.utilisation

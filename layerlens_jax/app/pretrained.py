@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layerlens_jax.app.data import MissingAssetError, package_dir
+from layerlens_jax.app.assets import MissingAssetError, package_dir
 from layerlens_jax.models import BertClassifier, BertConfig
 
 __all__ = [
