@@ -259,6 +259,9 @@ def _cross_checks(cfg: RunConfig) -> None:
         raise ConfigError("data.validation_path / data.test_path are for data.task = \"local\"")
     if bool(cfg.data.validation_path) != bool(cfg.data.test_path):
         raise ConfigError("give both data.validation_path and data.test_path, or neither")
+    if cfg.compare.main not in cfg.compare.variants:
+        raise ConfigError(f"compare.main {cfg.compare.main!r} (the plan checkpointed and evaluated) "
+                          f"must be one of compare.variants {list(cfg.compare.variants)}")
     if not cfg.compare.seeds:
         raise ConfigError("compare.seeds must list at least one seed")
     u = cfg.budget.utilisation
