@@ -179,8 +179,8 @@ def main():
                         continue  # head_only / full: once per task
                     if (task, key_scale, variant, seed) in done:
                         continue
-                    r = train_variant(prep_b, variant, plans.get(variant), seed, progress=False)
-                    r.update(task=task, budget_scale=key_scale)
+                    res = train_variant(prep_b, variant, plans.get(variant), seed, progress=False)
+                    r = {**res.to_json(), "task": task, "budget_scale": key_scale}
                     store["runs"].append(r)
                     done.add((task, key_scale, variant, seed))
                     write_json(store_path, store)

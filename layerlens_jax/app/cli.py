@@ -9,11 +9,16 @@
 
 ``--set section.key=value`` overrides a config value (TOML syntax for the value, e.g.
 ``--set train.steps=50 --set compare.seeds=[0,1,2]``).
+
+Exit status: 0 done; 1 a stage failed on its inputs (a file of an earlier stage missing or
+invalid); 2 a bad command line or config (unknown command, missing or invalid config file, bad
+``--set``, unknown key, bad value), reported in one line that names the culprit.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -28,11 +33,15 @@ STAGES = ("profile", "plan", "train", "evaluate", "report")
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
+    """``["section.key=value", ...]`` -> ``{"section.key": value}``, the value read as TOML (a bare
+    string where it is not TOML). Raises ConfigError for an item without ``=``."""
+    from layerlens_jax.app.config import ConfigError
+
     out = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set {item!r}: expected section.key=value")
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
         try:
             out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -153,16 +162,16 @@ def stage_train(cfg, prep, log) -> None:
             keep = variant == cfg.compare.main and seed == cfg.compare.seeds[0]
             r = train_variant(prep, variant, plans.get(variant), seed, keep_model=keep)
             if keep:
-                model = r.pop("model")
-                save_adapters(_out(cfg) / "checkpoint" / "adapters", model,
+                save_adapters(_out(cfg) / "checkpoint" / "adapters", r.model,
                               plan=plans[variant], overwrite=True,
                               metadata={"variant": variant, "seed": seed})
-                _save_head(_out(cfg) / "checkpoint" / "head.npz", model, cfg.train.head)
+                _save_head(_out(cfg) / "checkpoint" / "head.npz", r.model, cfg.train.head)
+                r = dataclasses.replace(r, model=None)  # saved: let it go
             results.append(r)
-            log(f"train {variant} seed {seed}: test acc {100 * r['test_accuracy']:.2f}% "
-                f"(val {100 * r['val_accuracy']:.2f}%), {r['trainable_params']:,} trainable, "
-                f"{r['train_seconds']:.1f}s")
-            write_json(_out(cfg) / "results.json", {"results": results,
+            log(f"train {variant} seed {seed}: test acc {100 * r.test_accuracy:.2f}% "
+                f"(val {100 * r.val_accuracy:.2f}%), {r.trainable_params:,} trainable, "
+                f"{r.train_seconds:.1f}s")
+            write_json(_out(cfg) / "results.json", {"results": [x.to_json() for x in results],
                                                     "summary": summarise(results)})
     log(comparison_markdown(summarise(results)))
 

