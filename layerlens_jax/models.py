@@ -44,16 +44,18 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
-    vocab_size: int = 30522
-    hidden_size: int = 384
-    num_layers: int = 6
-    num_heads: int = 12
-    intermediate_size: int = 1536
-    max_position: int = 512
-    type_vocab_size: int = 2
-    num_labels: int = 2
-    layer_norm_eps: float = 1e-12
-    dropout_rate: float = 0.0
+    """Shape and options of the reference BERT encoder classifier (defaults: MiniLM-L6)."""
+
+    vocab_size: int = 30522  # token vocabulary
+    hidden_size: int = 384  # model width H
+    num_layers: int = 6  # encoder layers
+    num_heads: int = 12  # attention heads (divides hidden_size)
+    intermediate_size: int = 1536  # feed-forward width
+    max_position: int = 512  # positions of the position embedding
+    type_vocab_size: int = 2  # token-type (segment) ids
+    num_labels: int = 2  # classifier outputs
+    layer_norm_eps: float = 1e-12  # LayerNorm epsilon
+    dropout_rate: float = 0.0  # dropout after embeddings and each sub-layer
     pooling: str = "mean"  # "mean" (sentence-transformers) or "cls" (BERT pooler input)
 
     def __post_init__(self):
@@ -96,6 +98,8 @@ def _masked_mean(h: jax.Array, attention_mask: jax.Array) -> jax.Array:
 
 
 class Embeddings(nnx.Module):
+    """Word + position + token-type embeddings, then LayerNorm and dropout."""
+
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
         self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, rngs=rngs)
@@ -147,6 +151,8 @@ class FeedForward(nnx.Module):
 
 
 class EncoderLayer(nnx.Module):
+    """One post-LN encoder layer: attention and feed-forward sub-layers with residuals."""
+
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.attention = AttentionBlock(cfg, rngs=rngs)
         self.attention_norm = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, rngs=rngs)
@@ -159,6 +165,8 @@ class EncoderLayer(nnx.Module):
 
 
 class Encoder(nnx.Module):
+    """``num_layers`` encoder layers named ``layers_{i}``."""
+
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
         self.num_layers = cfg.num_layers
         for i in range(cfg.num_layers):  # named layers_{i}, the same as Linen's auto-naming
@@ -227,6 +235,8 @@ class MLP(nnx.Module):
 
 
 class LinenEmbeddings(nn.Module):
+    """The Linen twin of :class:`Embeddings`."""
+
     cfg: BertConfig
 
     @nn.compact
@@ -243,6 +253,8 @@ class LinenEmbeddings(nn.Module):
 
 
 class LinenAttentionBlock(nn.Module):
+    """The Linen twin of :class:`AttentionBlock` (a ``block`` site)."""
+
     cfg: BertConfig
     __layerlens_kind__ = "block"
 
@@ -257,6 +269,8 @@ class LinenAttentionBlock(nn.Module):
 
 
 class LinenFeedForward(nn.Module):
+    """The Linen twin of :class:`FeedForward` (a ``block`` site)."""
+
     cfg: BertConfig
     __layerlens_kind__ = "block"
 
@@ -270,6 +284,8 @@ class LinenFeedForward(nn.Module):
 
 
 class LinenEncoderLayer(nn.Module):
+    """The Linen twin of :class:`EncoderLayer`."""
+
     cfg: BertConfig
 
     @nn.compact
@@ -282,6 +298,8 @@ class LinenEncoderLayer(nn.Module):
 
 
 class LinenEncoder(nn.Module):
+    """The Linen twin of :class:`Encoder`."""
+
     cfg: BertConfig
 
     @nn.compact
@@ -311,6 +329,8 @@ class LinenBertClassifier(nn.Module):
 
 
 class LinenMLP(nn.Module):
+    """The Linen twin of :class:`MLP` (``layers_{i}`` Dense + gelu)."""
+
     features: tuple[int, ...]
 
     @nn.compact

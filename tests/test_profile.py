@@ -205,8 +205,40 @@ def test_nan_statistic_names_site_and_batch(tiny):
 
     for i, b in enumerate(batches):
         b["scale"] = np.full((4,), np.nan if i == 2 else 1.0, np.float32)
-    with pytest.raises(FloatingPointError, match=r"batch 2"):
+    # every site is non-finite: the first statistic checked, at the first site in order
+    assert [s.path for s in discover_sites(model)][0] == "classifier"
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite fisher_trace at site 'classifier' in batch 2 .*"
+                             r"28 site\(s\) affected"):
         profile(model, loss, batches)
+
+
+def test_nan_in_one_branch_names_that_site_and_batch():
+    class TwoBranches(nnx.Module):
+        def __init__(self):
+            self.branch_a = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+            self.branch_b = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+
+        def __call__(self, x, c):
+            # forward sqrt(c) is finite; its gradient 0 * 1/(2 sqrt(c)) is NaN where c == 0,
+            # and reaches branch_b only (branch_a and the input are not upstream of it)
+            z = self.branch_b(x)
+            return self.branch_a(x) + jnp.sqrt(z * 0.0 + c[:, None])
+
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.normal(size=(4, 3)).astype(np.float32),
+                "c": np.full((4,), 0.0 if i == 1 else 1.0, np.float32)} for i in range(3)]
+
+    def loss(m, b):
+        return jnp.sum(m(b["x"], b["c"]) ** 2, axis=-1)
+
+    model = TwoBranches()
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite fisher_trace at site 'branch_b' in batch 1 .*"
+                             r"1 site\(s\) affected"):
+        profile(model, loss, batches)
+    finite = profile(model, loss, [batches[0], batches[2]])  # without the bad batch: finite
+    assert finite.paths == ("branch_a", "branch_b") and np.all(np.isfinite(finite.fisher_trace))
 
 
 def test_bad_loss_shape_and_empty_inputs(tiny):

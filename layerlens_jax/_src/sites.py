@@ -41,6 +41,7 @@ __all__ = [
     "flatten_paths",
 ]
 
+#: The site kinds, in the order of the table above.
 KINDS = ("linear", "attention", "block", "embedding", "norm", "conv")
 
 _BUILTIN_KINDS: list[tuple[type, str]] = [
@@ -98,6 +99,7 @@ def site_kind_of(module_or_type: Any) -> str | None:
 
 
 def join_path(parts: Iterable[Any]) -> str:
+    """Join module-path parts (names or list indices) with ``/``."""
     return "/".join(str(p) for p in parts)
 
 
@@ -131,6 +133,7 @@ class Site:
     tokens_per_example: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (parameter shapes as lists)."""
         d = dataclasses.asdict(self)
         d["param_shapes"] = {k: list(v) for k, v in self.param_shapes.items()}
         return d
@@ -140,6 +143,7 @@ class Site:
 
 
 def get_submodule(model: nnx.Module, path: str) -> Any:
+    """The submodule of an NNX model at ``path`` (attribute names or list indices)."""
     node = model
     for part in path.split("/") if path else []:
         node = node[int(part)] if isinstance(node, (nnx.List, list, tuple)) else getattr(node, part)
@@ -337,7 +341,25 @@ def discover_sites(model: Any, variables: Mapping | None = None, *, example: Any
       kinds: keep only these kinds.
       include: an extra predicate over sites.
 
-    Returns sites sorted by path. Raises ``ValueError`` for a model with no sites.
+    Returns:
+      The sites, sorted by path.
+
+    Raises:
+      ValueError: an unknown kind, a Linen module without ``variables`` or ``example``, or no
+        site at all (after ``kinds`` and ``include``).
+      TypeError: ``model`` is neither an ``nnx.Module`` nor a Linen module.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from layerlens_jax import BertClassifier, BertConfig, discover_sites
+      >>> from layerlens_jax.models import MLP
+      >>> [(s.path, s.kind, s.num_params) for s in discover_sites(MLP((4, 8, 2), rngs=nnx.Rngs(0)))]
+      [('layers_0', 'linear', 40), ('layers_1', 'linear', 18)]
+      >>> bert = BertClassifier(BertConfig.tiny(), rngs=nnx.Rngs(0))
+      >>> sites = discover_sites(bert, example=jnp.zeros((2, 7), jnp.int32), kinds=["attention"])
+      >>> [(s.path, s.num_heads, s.head_dim, s.tokens_per_example) for s in sites]
+      [('encoder/layers_0/attention/mha', 2, 8, 7), ('encoder/layers_1/attention/mha', 2, 8, 7)]
     """
     if kinds is not None:
         kinds = tuple(kinds)

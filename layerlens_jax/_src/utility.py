@@ -32,15 +32,18 @@ from layerlens_jax._src.profile import LayerStats
 
 __all__ = ["UtilityConfig", "UtilityReport", "utility", "utility_report", "UTILITY_TARGETS"]
 
+#: The seed report's targets: coefficient of variation and the two Pearson correlations.
 UTILITY_TARGETS = {"cv": 0.2, "grad_corr": 0.90, "fisher_corr": 0.95}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UtilityConfig:
-    fisher_weight: float = 0.75
-    grad_weight: float = 0.25
-    transform: str = "linear"  # "linear" | "sqrt"
-    per_param: bool = False
+    """Weights and options of :func:`utility` (the formula is in the module docstring)."""
+
+    fisher_weight: float = 0.75  # w_F, weight of the normalised Fisher term
+    grad_weight: float = 0.25  # w_S, weight of the normalised squared-gradient-norm term
+    transform: str = "linear"  # phi: "linear" | "sqrt"
+    per_param: bool = False  # divide both statistics by the site's parameter count
     source: str = "empirical"  # "empirical" | "sampled" Fisher
 
     def __post_init__(self):
@@ -59,6 +62,7 @@ class UtilityConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "UtilityConfig":
+        """Build from a mapping (e.g. a config section); an unknown key is a ``ValueError``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -73,7 +77,34 @@ def _normalised(v: np.ndarray, transform: str) -> np.ndarray:
 
 
 def utility(stats: LayerStats, config: UtilityConfig | None = None) -> np.ndarray:
-    """Utility per site (float64, in the order of ``stats.sites``, max 1)."""
+    """Utility per site (float64, in the order of ``stats.sites``, max 1).
+
+    Args:
+      stats: the output of :func:`~layerlens_jax.profile`.
+      config: weights and options (default :class:`UtilityConfig`).
+
+    Returns:
+      ``u``, shape (S,): ``w_F·φ(F)/max φ(F) + w_S·φ(S)/max φ(S)`` rescaled to max 1 (module
+      docstring).
+
+    Raises:
+      ValueError: a non-finite or negative statistic (names the site), ``source="sampled"``
+        without sampled Fisher traces, or all-zero statistics.
+
+    Example:
+      >>> import numpy as np
+      >>> from layerlens_jax import LayerStats, Site, UtilityConfig, utility
+      >>> sites = tuple(Site(path=f"s{i}", kind="linear", module_type="Linear", param_shapes={},
+      ...                    num_params=10) for i in range(3))
+      >>> stats = LayerStats(grad_norm=np.array([1.0, 2.0, 0.5]),
+      ...                    fisher_trace=np.array([4.0, 2.0, 1.0]), fisher_trace_sampled=None,
+      ...                    num_examples=8, num_tokens=8, num_batches=1, sites=sites)
+      >>> # 0.75 * [1, .5, .25] + 0.25 * [.25, 1, .0625] = [.8125, .625, .203125], then / .8125
+      >>> utility(stats).round(4).tolist()
+      [1.0, 0.7692, 0.25]
+      >>> utility(stats, UtilityConfig(fisher_weight=1, grad_weight=0)).tolist()
+      [1.0, 0.5, 0.25]
+    """
     config = config or UtilityConfig()
     fisher = stats.fisher_trace
     if config.source == "sampled":
@@ -99,32 +130,36 @@ def utility(stats: LayerStats, config: UtilityConfig | None = None) -> np.ndarra
     return u / top
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class UtilityReport:
     """The seed report's utility checks (Pearson r with two-sided p-values)."""
 
-    cv: float
-    grad_corr: float
-    grad_p: float
-    fisher_corr: float
-    fisher_p: float
-    spearman_fisher: float
-    num_sites: int
+    cv: float  # coefficient of variation of the utility (std / mean)
+    grad_corr: float  # Pearson r of the utility with the gradient norms
+    grad_p: float  # its two-sided p-value
+    fisher_corr: float  # Pearson r of the utility with the Fisher traces
+    fisher_p: float  # its two-sided p-value
+    spearman_fisher: float  # Spearman rank correlation of the utility with the Fisher traces
+    num_sites: int  # number of sites
 
     @property
     def checks(self) -> dict[str, bool]:
+        """Each figure against :data:`UTILITY_TARGETS` (``True`` where met)."""
         return {"cv": self.cv >= UTILITY_TARGETS["cv"],
                 "grad_corr": self.grad_corr >= UTILITY_TARGETS["grad_corr"],
                 "fisher_corr": self.fisher_corr >= UTILITY_TARGETS["fisher_corr"]}
 
     @property
     def passed(self) -> bool:
+        """Whether every check is met."""
         return all(self.checks.values())
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields plus ``checks`` and ``passed``."""
         return {**dataclasses.asdict(self), "checks": self.checks, "passed": self.passed}
 
     def to_markdown(self) -> str:
+        """The seed report's table: metric, target, achieved value, status."""
         ok = lambda b: "✅ PASS" if b else "⚠️ Below"  # noqa: E731
         c = self.checks
         rows = [
@@ -147,7 +182,31 @@ def _pearson(a, b) -> tuple[float, float]:
 
 
 def utility_report(stats: LayerStats, u: np.ndarray) -> UtilityReport:
-    """Coefficient of variation of ``u`` and its Pearson r with grad norms and Fisher traces."""
+    """Coefficient of variation of ``u`` and its Pearson r with grad norms and Fisher traces.
+
+    Args:
+      stats: the statistics ``u`` was computed from.
+      u: utility per site, shape (S,), in the order of ``stats.sites``.
+
+    Returns:
+      :class:`UtilityReport`; ``.checks`` compares it with :data:`UTILITY_TARGETS`. A correlation
+      with a constant vector is NaN.
+
+    Raises:
+      ValueError: ``u`` does not have one entry per site, or fewer than 3 sites.
+
+    Example:
+      >>> import numpy as np
+      >>> from layerlens_jax import LayerStats, Site, utility, utility_report
+      >>> sites = tuple(Site(path=f"s{i}", kind="linear", module_type="Linear", param_shapes={},
+      ...                    num_params=10) for i in range(4))
+      >>> stats = LayerStats(grad_norm=np.array([2.0, 1.0, 1.0, 0.5]),
+      ...                    fisher_trace=np.array([8.0, 4.0, 2.0, 1.0]), fisher_trace_sampled=None,
+      ...                    num_examples=8, num_tokens=8, num_batches=1, sites=sites)
+      >>> report = utility_report(stats, utility(stats))
+      >>> round(report.cv, 4), round(report.fisher_corr, 4), report.passed
+      (0.7538, 0.9972, True)
+    """
     u = np.asarray(u, np.float64)
     if u.shape != (len(stats.sites),):
         raise ValueError(f"utility has shape {u.shape}, expected ({len(stats.sites)},)")

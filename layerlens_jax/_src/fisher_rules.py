@@ -1,0 +1,394 @@
+"""Per-example squared gradient norms of every parameter unit, from one backward pass.
+
+Method
+------
+Each *parameter unit* (a module that owns parameters directly: a Linear, an Embed, a LayerNorm…)
+is wrapped, inside the traced function only, by a tap ``y ↦ tap(y, x, sink)``: a ``custom_vjp``
+identity whose backward pass receives gₙ = ∂ℓₙ/∂yₙ and returns, as the cotangent of a zero
+``sink`` of shape (B,), the per-example squared gradient norms of the unit's own parameters
+(the ghost-norm trick of paxml / BackPACK). The rules:
+
+* dense (Linear, LinearGeneral/DenseGeneral over trailing axes): with Xₙ (T×d_in) the inputs and
+  Gₙ (T×d_out) the output gradients of example n, ∇Wₙ = XₙᵀGₙ and
+  ‖∇Wₙ‖² = Σₜₛ (xₜ·xₛ)(gₜ·gₛ) (Gram form, O(T²(d_in+d_out))) or ‖XₙᵀGₙ‖² (outer-product form,
+  O(T·d_in·d_out)), whichever is cheaper; the bias adds ‖Σₜ gₜ‖²;
+* embedding: ∇Eₙ adds gₜ to row idₜ; sort the ids, segment-sum the gₜ of equal ids, square;
+* anything else (norms, convs, user modules): a *local* ``vmap`` over examples of the unit's own
+  VJP — only that unit's per-example gradients exist, never the whole model's.
+
+Per-site figures sum the units under the site: squared norms add over disjoint parameter sets, so
+an attention or block site is exact too. Batches must put the example axis first at every unit
+(checked) and each unit must be called once per forward pass (weight sharing is detected and
+rejected, since its cross terms would be lost).
+
+This module holds the rules, the tap, and the two ways of putting taps into a model:
+:func:`tap_nnx` (module surgery on a merged copy) and :func:`tap_linen`
+(``nn.intercept_methods``). The driver that accumulates the figures is
+:mod:`layerlens_jax._src.profile`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+
+from layerlens_jax._src.sites import (Site, flatten_paths, get_submodule, join_path,
+                                      set_submodule)
+
+__all__ = ["DenseRule", "EmbedRule", "LocalVJPRule", "TappedModel", "is_under", "tap_linen",
+           "tap_nnx"]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ------------------------------------------------------------------------------ per-unit rules
+
+
+def _as_f32(a):
+    return a.astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DenseRule:
+    """Ghost norm of a dense unit: Gram or outer-product form, whichever is cheaper."""
+
+    d_in: int  # input features (product of the contracted kernel axes)
+    d_out: int  # output features (product of the remaining kernel axes)
+    has_bias: bool  # the unit owns a bias, which adds ‖Σₜ gₜ‖²
+
+    def sq_norms(self, x, g, aux):
+        """(B,) squared norms of the per-example kernel (and bias) gradients."""
+        del aux
+        b = x.shape[0]
+        xs = _as_f32(x).reshape(b, -1, self.d_in)
+        gs = _as_f32(g).reshape(b, -1, self.d_out)
+        t = xs.shape[1]
+        if t * (self.d_in + self.d_out) <= self.d_in * self.d_out:
+            xx = jnp.einsum("btd,bsd->bts", xs, xs, precision=_HIGHEST)
+            gg = jnp.einsum("bte,bse->bts", gs, gs, precision=_HIGHEST)
+            sq = jnp.sum(xx * gg, axis=(1, 2))
+        else:
+            w = jnp.einsum("btd,bte->bde", xs, gs, precision=_HIGHEST)
+            sq = jnp.sum(w * w, axis=(1, 2))
+        if self.has_bias:
+            sq = sq + jnp.sum(jnp.sum(gs, axis=1) ** 2, axis=-1)
+        return sq
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EmbedRule:
+    """Embedding table: segment-sum the output gradients of equal ids, then square."""
+
+    def sq_norms(self, ids, g, aux):
+        """(B,) squared norms of the per-example embedding-table gradients."""
+        del aux
+        b = ids.shape[0]
+        ids = ids.reshape(b, -1)
+        gs = _as_f32(g).reshape(b, ids.shape[1], -1)
+
+        def one(ids_n, g_n):
+            order = jnp.argsort(ids_n)
+            sid = ids_n[order]
+            seg = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                   jnp.cumsum(sid[1:] != sid[:-1]).astype(jnp.int32)])
+            rows = jax.ops.segment_sum(g_n[order], seg, num_segments=ids_n.shape[0])
+            return jnp.sum(rows * rows)
+
+        return jax.vmap(one)(ids, gs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LocalVJPRule:
+    """Per-example VJP of the unit's own parameters, vmapped over examples (exact, local)."""
+
+    apply: Callable[[Any, jax.Array], jax.Array]  # (own params, x with batch 1) -> y with batch 1
+
+    def sq_norms(self, x, g, own_params):
+        """(B,) squared norms of the per-example gradients of ``own_params``."""
+        def one(x_n, g_n):
+            _, vjp = jax.vjp(lambda p: self.apply(p, x_n[None]), own_params)
+            out_dtype = jax.eval_shape(lambda: self.apply(own_params, x_n[None])).dtype
+            (gp,) = vjp(g_n[None].astype(out_dtype))
+            return sum(jnp.sum(_as_f32(l) ** 2) for l in jax.tree.leaves(gp))
+
+        return jax.vmap(one)(x, g)
+
+
+# ------------------------------------------------------------------------------------ the tap
+
+
+def _zero_cotangent(a):
+    if jnp.issubdtype(a.dtype, jnp.integer) or a.dtype == jnp.bool_:
+        return np.zeros(a.shape, dtype=jax.dtypes.float0)
+    return jnp.zeros_like(a)
+
+
+@jax.custom_vjp
+def _tap(rule_box, y, x, sink, aux):
+    del rule_box, x, sink, aux
+    return y
+
+
+def _tap_fwd(rule_box, y, x, sink, aux):
+    return y, (rule_box, x, aux)
+
+
+def _tap_bwd(res, g):
+    rule_box, x, aux = res
+    sq = rule_box.rule.sq_norms(x, g, aux)
+    return (None, g, _zero_cotangent(x), sq, jax.tree.map(jnp.zeros_like, aux))
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True, eq=False)
+class _RuleBox:
+    rule: Any  # a rule object, carried as a static (non-array) argument of the tap
+
+
+# ------------------------------------------------------------------------------------ units
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Unit:
+    path: str  # the unit's module path
+    rule: Any  # DenseRule / EmbedRule / LocalVJPRule
+    param_paths: tuple[str, ...]  # absolute paths of the unit's own parameters
+
+
+class _TapContext:
+    """Per-trace state: sinks, own params of local-VJP units, call counts, the batch size."""
+
+    def __init__(self, units: Mapping[str, _Unit], sinks, own_params, batch_size: int):
+        self.units, self.sinks, self.own_params = units, sinks, own_params
+        self.batch_size = batch_size
+        self.calls: dict[str, int] = {}
+
+    def tap(self, path: str, y, x):
+        unit = self.units[path]
+        self.calls[path] = self.calls.get(path, 0) + 1
+        if self.calls[path] > 1:
+            raise NotImplementedError(
+                f"site unit {path!r} is called more than once per forward pass (weight sharing): "
+                "its per-example Fisher would miss the cross terms; exclude it from the sites")
+        if not hasattr(x, "shape") or x.ndim == 0 or x.shape[0] != self.batch_size:
+            raise ValueError(
+                f"site unit {path!r} sees an input of shape {getattr(x, 'shape', None)} whose leading "
+                f"axis is not the example axis (batch {self.batch_size}); per-example statistics "
+                "need the example axis first at every site (broadcast e.g. position ids to (B, T))")
+        aux = self.own_params.get(path, ())
+        return _tap(_RuleBox(unit.rule), y, x, self.sinks[path], aux)
+
+
+class _NNXTap:
+    """Stands in for a parameter unit of an NNX model inside the traced function."""
+
+    def __init__(self, inner, path: str, ctx: _TapContext):
+        self._inner, self._path, self._ctx = inner, path, ctx
+
+    def __call__(self, x, *args, **kwargs):
+        if args or any(v is not None for v in kwargs.values()):
+            if not isinstance(self._ctx.units[self._path].rule, (DenseRule, EmbedRule)):
+                raise NotImplementedError(f"site unit {self._path!r} is called with extra arguments; "
+                                          "only single-input units are supported")
+        return self._ctx.tap(self._path, self._inner(x, *args, **kwargs), x)
+
+    def __getattr__(self, name):
+        value = getattr(self._inner, name)
+        if callable(value) and not isinstance(value, (nnx.Variable, nnx.Module)):
+            raise NotImplementedError(f"site unit {self._path!r} is used through method {name!r}; "
+                                      "only __call__ is supported for per-example statistics")
+        return value
+
+
+def is_under(path: str, site_path: str) -> bool:
+    """Whether module ``path`` is the site ``site_path`` or lies below it."""
+    return path == site_path or path.startswith(site_path + "/")
+
+
+def _child(path: str, name: str) -> str:
+    return f"{path}/{name}" if path else name
+
+
+def _trailing(axis) -> bool:
+    axis = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+    return all(a < 0 for a in axis) and tuple(sorted(axis)) == tuple(range(-len(axis), 0))
+
+
+def _batch_size_of(sinks) -> int:
+    return next(iter(sinks.values())).shape[0]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TappedModel:
+    """A model split for profiling, with a forward pass that runs every unit through its tap."""
+
+    # forward_losses(params, rest, sinks, batch, key, loss_fn) -> per-example losses; the gradient
+    # with respect to ``sinks`` ({unit path: zeros (B,)}) is the per-example squared norms
+    forward_losses: Callable[..., jax.Array]
+    unit_paths: tuple[str, ...]  # sorted paths of the parameter units (one sink each)
+    param_paths: tuple[str, ...]  # parameter leaf paths, in tree-flattening order of ``params``
+    params: Any  # the parameters (differentiated)
+    rest: Any  # every other variable (held fixed)
+
+
+# ------------------------------------------------------------------------------------ NNX
+
+
+def _own_param_names_nnx(module) -> list[str]:
+    return sorted(k for k, v in vars(module).items() if isinstance(v, nnx.Param))
+
+
+def _own_state_nnx(module):
+    return {k: getattr(module, k).value for k in _own_param_names_nnx(module)}
+
+
+def _rule_for_nnx(module, own) -> Any:
+    shapes = {k: tuple(getattr(module, k).value.shape) for k in own}
+    if isinstance(module, (nnx.Linear, nnx.LinearGeneral)) and set(own) <= {"kernel", "bias"} \
+            and "kernel" in own:
+        k = shapes["kernel"]
+        n_in = 1 if isinstance(module, nnx.Linear) else len(module.axis)
+        if isinstance(module, nnx.Linear) or (_trailing(module.axis) and not module.batch_axis):
+            return DenseRule(d_in=math.prod(k[:n_in]), d_out=math.prod(k[n_in:]),
+                             has_bias="bias" in own)
+    if isinstance(module, nnx.Embed) and own == ["embedding"]:
+        return EmbedRule()
+    graphdef, _, rest = nnx.split(module, lambda p, v: isinstance(v, nnx.Param) and len(p) == 1
+                                  and p[0] in own, ...)
+
+    def apply(own_params, x):
+        return nnx.merge(graphdef, own_params, rest)(x)
+
+    return LocalVJPRule(apply)
+
+
+def _nnx_units(model: nnx.Module, sites: list[Site]) -> dict[str, _Unit]:
+    units = {}
+    for parts, module in nnx.iter_modules(model):
+        path = join_path(parts)
+        own = _own_param_names_nnx(module)
+        if not own or not any(is_under(path, s.path) for s in sites):
+            continue
+        units[path] = _Unit(path=path, rule=_rule_for_nnx(module, own),
+                            param_paths=tuple(_child(path, k) for k in own))
+    return units
+
+
+def tap_nnx(model: nnx.Module, sites: list[Site]) -> TappedModel:
+    """Split an NNX model; its forward pass swaps every unit under ``sites`` for a tap."""
+    units = _nnx_units(model, sites)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    param_paths = tuple(flatten_paths(params.to_pure_dict()).keys())
+    covered = {p for u in units.values() for p in u.param_paths}
+    uncovered = [p for p in param_paths if p not in covered and
+                 any(is_under(p.rpartition("/")[0], s.path) for s in sites)]
+    if uncovered:
+        raise NotImplementedError(f"parameters {uncovered[:3]} under a site are not owned by a "
+                                  "module the profiler can tap")
+
+    def forward_losses(params, rest, sinks, batch, key, fn):
+        m = nnx.merge(graphdef, params, rest, copy=True)
+        own = {path: _own_state_nnx(get_submodule(m, path)) for path, unit in units.items()
+               if isinstance(unit.rule, LocalVJPRule)}
+        ctx = _TapContext(units, sinks, own, _batch_size_of(sinks))
+        for path in sorted(units, key=lambda p: -p.count("/")):
+            if path:
+                set_submodule(m, path, _NNXTap(get_submodule(m, path), path, ctx))
+        return fn(m, batch) if key is None else fn(m, batch, key)
+
+    return TappedModel(forward_losses=forward_losses, unit_paths=tuple(sorted(units)),
+                       param_paths=param_paths, params=params, rest=rest)
+
+
+# ---------------------------------------------------------------------------------- Linen
+
+
+def _subtree(tree, path):
+    for part in path.split("/") if path else []:
+        tree = tree[part]
+    return tree
+
+
+def _rule_for_linen(mod: nn.Module, own: list[str], sub: Mapping) -> Any:
+    """The rule of a bound Linen unit owning parameters ``own`` within its subtree ``sub``."""
+    if isinstance(mod, nn.Dense) and set(own) <= {"kernel", "bias"}:
+        k = sub["kernel"].shape
+        return DenseRule(d_in=k[0], d_out=k[1], has_bias="bias" in own)
+    if isinstance(mod, nn.DenseGeneral) and set(own) <= {"kernel", "bias"} \
+            and _trailing(mod.axis) and not mod.batch_dims:
+        k = sub["kernel"].shape
+        n_in = len(mod.axis) if isinstance(mod.axis, (tuple, list)) else 1
+        return DenseRule(d_in=math.prod(k[:n_in]), d_out=math.prod(k[n_in:]),
+                         has_bias="bias" in own)
+    if isinstance(mod, nn.Embed) and own == ["embedding"]:
+        return EmbedRule()
+    clone = mod.clone(parent=None)
+    children = {k: v for k, v in sub.items() if k not in own}
+
+    def apply(own_params, x):
+        return clone.apply({"params": {**children, **own_params}}, x)
+
+    return LocalVJPRule(apply)
+
+
+def tap_linen(module: nn.Module, variables: Mapping, sites: list[Site]) -> TappedModel:
+    """Split Linen variables; the forward pass taps every unit under ``sites`` by interception.
+
+    Units are the modules owning parameter leaves directly; their rules are chosen on first call
+    (Linen binds submodules only then). A unit never called through ``__call__`` is an error.
+    """
+    params0 = variables["params"]
+    rest0 = {k: v for k, v in variables.items() if k != "params"}
+    param_paths = tuple(flatten_paths(params0).keys())
+    owners: dict[str, list[str]] = {}
+    for p in param_paths:
+        owner, _, name = p.rpartition("/")
+        if any(is_under(owner, s.path) for s in sites):
+            owners.setdefault(owner, []).append(name)
+    units: dict[str, _Unit] = {}
+    unit_paths = tuple(sorted(owners))
+
+    def rule_for(mod, path):
+        if path not in units:
+            own = sorted(owners[path])
+            units[path] = _Unit(path=path, rule=_rule_for_linen(mod, own, _subtree(params0, path)),
+                                param_paths=tuple(_child(path, k) for k in own))
+        return units[path].rule
+
+    def forward_losses(params, rest, sinks, batch, key, fn):
+        variables = {**rest, "params": params}
+        ctx = _TapContext(units, sinks, {}, _batch_size_of(sinks))
+
+        def interceptor(next_fun, args, kwargs, c):
+            out = next_fun(*args, **kwargs)
+            if c.method_name != "__call__":
+                return out
+            path = join_path(c.module.scope.path)
+            if path in owners and args:
+                if isinstance(rule_for(c.module, path), LocalVJPRule):
+                    sub = c.module.variables.get("params", {})
+                    ctx.own_params[path] = {k: sub[k] for k in owners[path]}
+                out = ctx.tap(path, out, args[0])
+            return out
+
+        with nn.intercept_methods(interceptor):
+            losses = fn(variables, batch) if key is None else fn(variables, batch, key)
+        missing = [u for u in unit_paths if u not in ctx.calls]
+        if missing:
+            raise ValueError(f"parameter units {missing[:3]} were never called through __call__ "
+                             "during the loss: their statistics cannot be computed")
+        return losses
+
+    return TappedModel(forward_losses=forward_losses, unit_paths=unit_paths,
+                       param_paths=param_paths, params=params0, rest=rest0)
