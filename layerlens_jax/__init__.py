@@ -24,7 +24,8 @@ from layerlens_jax._src.profile import LayerStats, ProfileStep, profile, sampled
 from layerlens_jax._src.utility import UtilityConfig, UtilityReport, utility, utility_report
 # 3. costs and allocation: which method and size per site, under budgets
 from layerlens_jax._src.costs import Catalogue, CostModel, GainModel, calibrate_latency
-from layerlens_jax._src.allocate import allocate, allocate_curve, allocate_exact
+from layerlens_jax._src.allocate import allocate, allocate_curve
+from layerlens_jax._src.exact import allocate_exact
 # 4. the plan: record, JSON, metrics, HF PEFT export
 from layerlens_jax._src.plan import (Plan, SiteAllocation, load_plan, plan_metrics, save_plan,
                                      to_peft_config)

@@ -30,9 +30,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from layerlens_jax._src.allocate import build_problem, lagrangian_allocate, solve_exact  # noqa: E402
-from layerlens_jax._src.costs import Catalogue, CostModel, GainModel  # noqa: E402
+from layerlens_jax._src.costs import Catalogue, CostModel  # noqa: E402
+from layerlens_jax._src.exact import solve_exact  # noqa: E402
+from layerlens_jax._src.instances import PRIOR_GAIN  # noqa: E402
+from layerlens_jax._src.problem import build_problem  # noqa: E402
 from layerlens_jax._src.sites import Site  # noqa: E402
+from layerlens_jax._src.solver import lagrangian_allocate  # noqa: E402
 
 # ~100 options per site: none + 64 LoRA ranks + 18 adapter bottlenecks + 17 prefix lengths
 CATALOGUE = Catalogue.from_sizes(
@@ -72,21 +75,17 @@ def random_sites(n: int, rng: np.random.Generator) -> list[Site]:
     return sites
 
 
-# The solver benchmark's instance family, fixed apart from the job's calibrated defaults.
-GAIN = GainModel(efficiency={"lora": 1.0, "adapter": 0.9, "prefix": 0.5},
-                 scale={"lora": 8.0, "adapter": 16.0, "prefix": 16.0})
-
-
 def random_problem(n: int, resources: tuple[str, ...], seed: int, fraction: float = 0.35):
-    """Budgets = use of a random assignment (each adaptable site adapted with prob. ``fraction``
-    at a random size), so all budgets are of the same tightness and several bind."""
+    """The solver benchmark's instance family, gains from the prior gain model (fixed apart from the
+    calibrated defaults). Budgets = use of a random assignment (each adaptable site adapted with
+    prob. ``fraction`` at a random size), so all budgets are of the same tightness and several bind."""
     rng = np.random.default_rng(seed)
     sites = random_sites(n, rng)
     utility = rng.beta(0.7, 1.5, size=n)
     utility /= utility.max()
     big = {r: 1e30 for r in resources}
     p = build_problem(sites, utility, big, catalogue=CATALOGUE, cost_model=CostModel(batch_size=8),
-                      gain_model=GAIN)
+                      gain_model=PRIOR_GAIN)
     S, O = p.mask.shape
     ref = np.zeros(S, int)
     for s in range(S):
@@ -96,7 +95,7 @@ def random_problem(n: int, resources: tuple[str, ...], seed: int, fraction: floa
     c = p.cost_rso
     budgets = {r: float(c[k, np.arange(S), ref].sum()) for k, r in enumerate(p.resources)}
     return build_problem(sites, utility, budgets, catalogue=CATALOGUE,
-                         cost_model=CostModel(batch_size=8), gain_model=GAIN)
+                         cost_model=CostModel(batch_size=8), gain_model=PRIOR_GAIN)
 
 
 @contextlib.contextmanager
@@ -211,25 +210,17 @@ def main(argv=None):
 
 def nesting_quality(instances: int, seed: int) -> None:
     """``allocate(exclusive_nesting=True)`` against ``allocate_exact(exclusive_nesting=True)`` on
-    the tiny BERT's 20 nested sites, blocks scored with the sum of their layers' utilities."""
-    from flax import nnx
+    the tiny BERT's nested sites, blocks scored with the sum of their layers' utilities."""
+    from layerlens_jax._src.allocate import allocate
+    from layerlens_jax._src.exact import allocate_exact
+    from layerlens_jax._src.instances import NESTING_CATALOGUE, nesting_instance, tiny_bert_sites
+    from layerlens_jax._src.nesting import nested_conflicts
 
-    from layerlens_jax._src.allocate import allocate, allocate_exact, nested_conflicts
-    from layerlens_jax.models import BertClassifier, BertConfig
-    from layerlens_jax._src.plan import Plan, uniform_assignments
-    from layerlens_jax._src.sites import discover_sites
-
-    sites = discover_sites(BertClassifier(BertConfig.tiny(), rngs=nnx.Rngs(0)),
-                           example=(jnp.zeros((2, 7), jnp.int32),))
-    cat = Catalogue.from_sizes(lora=(1, 2, 4, 8), adapter=(2, 4, 8), prefix=(2, 4))
+    sites = tiny_bert_sites()
+    cat = NESTING_CATALOGUE
     ratios, conflicts_free = [], []
     for i in range(instances):
-        rng = np.random.default_rng(seed + i)
-        leaf = {s.path: rng.uniform(0.05, 1.0) for s in sites}
-        u = np.array([sum(v for q, v in leaf.items() if q == s.path or q.startswith(s.path + "/"))
-                      for s in sites])
-        base = Plan.from_assignments(sites, uniform_assignments(sites, "lora", 8), u)
-        budgets = {"params": base.use["params"] * (0.5 + 0.5 * (i % 3))}
+        u, budgets = nesting_instance(sites, seed + i)
         conflicts_free.append(len(nested_conflicts(allocate(sites, u, budgets, catalogue=cat))))
         with quiet_stdout():
             plan = allocate(sites, u, budgets, catalogue=cat, exclusive_nesting=True)
