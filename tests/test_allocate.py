@@ -15,7 +15,8 @@ from layerlens_jax._src.allocate import (SolverConfig, allocate, allocate_curve,
                                     build_problem, dual_value, lagrangian_allocate, solve_exact)
 from layerlens_jax._src.costs import Catalogue, CostModel, GainModel
 from layerlens_jax.models import BertClassifier, BertConfig
-from layerlens_jax._src.plan import Plan, plan_metrics, uniform_assignments
+from layerlens_jax._src.plan import Plan, uniform_assignments
+from layerlens_jax._src.plan_metrics import plan_metrics
 from layerlens_jax._src.sites import Site, discover_sites
 
 

@@ -52,9 +52,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerlens_jax._src.costs import (METHODS, RESOURCES, Catalogue, CostModel, GainModel, cost_class,
+from layerlens_jax._src.costs import (RESOURCES, Catalogue, CostModel, GainModel, cost_class,
                                  option_costs, option_mask)
-from layerlens_jax._src.plan import Plan, SiteAllocation, default_peft_options
+from layerlens_jax._src.methods import METHODS, default_peft_options
+from layerlens_jax._src.plan import Plan, SiteAllocation
 from layerlens_jax._src.sites import Site
 
 __all__ = [
@@ -749,7 +750,7 @@ def _plan(problem: Problem, choice: np.ndarray, dual_bound: float | None, solver
     use = {r: float(v) for r, v in zip(RESOURCES, chosen_cost.sum(axis=0))}
     objective = float(gains.sum())
     opts = default_peft_options()
-    opts["prefix_projection"] = problem.cost_model.prefix_projection
+    opts["prefix_reparam_hidden"] = problem.cost_model.prefix_projection or None
     opts.update(peft_options or {})
     metadata = {
         "effective_budgets": {r: float(b) for r, b in zip(problem.resources, problem.budget)},
@@ -759,9 +760,9 @@ def _plan(problem: Problem, choice: np.ndarray, dual_bound: float | None, solver
         "gain_model": problem.gain_model.to_dict(),
         **extra,
     }
-    return Plan(allocations=tuple(allocations), budgets=dict(problem.budgets), use=use,
-                dual_bound=None if dual_bound is None else max(float(dual_bound), objective),
-                objective=objective, peft_options=opts, solver=solver, metadata=metadata)
+    return Plan.create(allocations=tuple(allocations), budgets=dict(problem.budgets), use=use,
+                       dual_bound=None if dual_bound is None else max(float(dual_bound), objective),
+                       objective=objective, peft_options=opts, solver=solver, metadata=metadata)
 
 
 def _device_arrays(problem: Problem):
