@@ -27,8 +27,9 @@ from layerlens_jax._src.costs import Catalogue, CostModel, GainModel, calibrate_
 from layerlens_jax._src.allocate import allocate, allocate_curve
 from layerlens_jax._src.exact import allocate_exact
 # 4. the plan: record, JSON, metrics, HF PEFT export
-from layerlens_jax._src.plan import (Plan, SiteAllocation, load_plan, plan_metrics, save_plan,
-                                     to_peft_config)
+from layerlens_jax._src.plan import Plan, SiteAllocation, load_plan, save_plan
+from layerlens_jax._src.plan_metrics import plan_metrics
+from layerlens_jax._src.export import to_peft_config
 # 5. PEFT: apply the plan, train only the adapters, merge
 from layerlens_jax._src.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
                                      apply_plan, count_trainable, init_adapters, merge)

@@ -167,7 +167,7 @@ def main():
             bcfg = _cfg(task, args, scale)
             prep_b = dataclasses.replace(prep, cfg=bcfg)
             plans = make_plans(bcfg, list(stats.sites), u)
-            from layerlens_jax._src.plan import plan_metrics
+            from layerlens_jax._src.plan_metrics import plan_metrics
             store["plans"][f"{task}@{scale}"] = {
                 name: {"assignments": {k: list(v) for k, v in p.assignments().items()},
                        "params": p.use["params"],

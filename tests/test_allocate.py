@@ -16,7 +16,7 @@ from layerlens_jax._src.assemble import repair_budget_float64
 from layerlens_jax._src.costs import Catalogue
 from layerlens_jax._src.exact import allocate_exact
 from layerlens_jax._src.instances import tiny_bert_sites
-from layerlens_jax._src.plan import plan_metrics
+from layerlens_jax._src.plan_metrics import plan_metrics
 from layerlens_jax._src.problem import build_problem
 from layerlens_jax._src.sites import Site
 from layerlens_jax._src.solver import Solution

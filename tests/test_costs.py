@@ -164,14 +164,76 @@ def test_option_costs_shape_and_consistency(sites):
     opts = cat.options()
     costs = option_costs(all_sites, opts, CostModel(), mask=option_mask(all_sites, opts, cat))
     assert costs.shape == (len(all_sites), len(opts), len(RESOURCES))
-    i = list(sites).index("encoder/layers_1/attention/mha/key")
-    j = opts.index(("lora", 6))
-    assert dict(zip(RESOURCES, costs[i, j])) == site_option_cost(
-        all_sites[i], "lora", 6, sites=all_sites)
     assert (costs[:, 0] == 0).all()
+
+    def cost(path, option):
+        return dict(zip(RESOURCES, costs[list(sites).index(path), opts.index(option)]))
+
+    # Hand-computed with the default CostModel: B = 8 examples, T = 7 positions, fp32 (4 bytes)
+    # weights, grads and 2 AdamW slots (16 bytes per parameter), merged LoRA, latency
+    # n_ops * 0.005 ms + B * n * fwd / 1e10 FLOP/ms.
+    # LoRA r=6 on a 16 -> 16 projection (n = 7): params r*(d_in + d_out); fwd 2r(d_in + d_out) + 2d_out;
+    # saved activations per position d_in + r; merged: no inference cost.
+    assert cost("encoder/layers_1/attention/mha/key", ("lora", 6)) == pytest.approx(dict(
+        params=6 * 32, train_flops=3 * (2 * 6 * 32 + 2 * 16), infer_flops=0.0,
+        vram_bytes=6 * 32 * 16 + 8 * 7 * (16 + 6) * 4, latency=0.0))
+    # LoRA r=2 on the classifier 16 -> 3, which sees n = 1 of T = 7 positions (FLOPs x 1/7)
+    assert cost("classifier", ("lora", 2)) == pytest.approx(dict(
+        params=2 * 19, train_flops=3 * (2 * 2 * 19 + 2 * 3) / 7, infer_flops=0.0,
+        vram_bytes=2 * 19 * 16 + 8 * 1 * (16 + 2) * 4, latency=0.0))
+    # adapter b=8 on a block of width 16: params 2db + b + d; fwd 4db + 2b + 2d; saved d + 2b; 4 ops
+    a_fwd = 4 * 16 * 8 + 2 * 8 + 2 * 16
+    assert cost("encoder/layers_1/mlp", ("adapter", 8)) == pytest.approx(dict(
+        params=2 * 16 * 8 + 8 + 16, train_flops=3 * a_fwd, infer_flops=a_fwd,
+        vram_bytes=(2 * 16 * 8 + 8 + 16) * 16 + 8 * 7 * (16 + 2 * 8) * 4,
+        latency=4 * 0.005 + 8 * 7 * a_fwd / 1e10))
+    # prefix p=4 on 2 heads of 8: params 2pHh; fwd 4pHh + 3pH; saved pH; 2 ops
+    p_fwd = 4 * 4 * 2 * 8 + 3 * 4 * 2
+    assert cost("encoder/layers_1/attention/mha", ("prefix", 4)) == pytest.approx(dict(
+        params=2 * 4 * 2 * 8, train_flops=3 * p_fwd, infer_flops=p_fwd,
+        vram_bytes=2 * 4 * 2 * 8 * 16 + 8 * 7 * 4 * 2 * 4, latency=2 * 0.005 + 8 * 7 * p_fwd / 1e10))
+    # masked options cost nothing: rank 4 > min(16, 3) on the classifier, an adapter on a linear
+    assert sum(cost("classifier", ("lora", 4)).values()) == 0.0
+    assert sum(cost("encoder/layers_1/attention/mha/key", ("adapter", 8)).values()) == 0.0
 
 
 def test_calibrate_latency_fits_positive_coefficients():
     cm = calibrate_latency(CostModel(), widths=(32, 64), sizes=(2, 8), tokens=64, repeats=2)
     assert cm.flops_per_ms > 0 and cm.latency_overhead_ms >= 0
     assert cm.batch_size == CostModel().batch_size
+
+
+def test_calibrate_latency_recovers_the_timed_model():
+    """With a fake clock whose timings follow t = n_ops * overhead + flops / throughput exactly,
+    the fit returns that overhead and throughput (a unit or formula error of 10x fails)."""
+    overhead_ms, flops_per_ms = 0.01, 1.0e6
+    widths, sizes, tokens, repeats = (32, 64), (2, 8), 16, 3
+
+    def ms(ops, flops):
+        return ops * overhead_ms + flops / flops_per_ms
+
+    timings_ms = []  # in the order calibrate_latency times: per width, per size
+    for d in widths:
+        for r in sizes:
+            heads, hd = 1, d  # widths below 128 give one head of the whole width
+            plain_attention = 0.5
+            timings_ms += [
+                ms(3, tokens * (2 * r * d + 2 * r * d + 2 * d)),  # unmerged LoRA: x@A, @B, scale+add
+                ms(4, tokens * (4 * d * r + 2 * r + 2 * d)),  # adapter: two matmuls, biases, act, add
+                plain_attention,  # attention without the prefix ...
+                plain_attention + ms(2, tokens * (4 * r * heads * hd + 3 * r * heads)),  # ... with it
+            ]
+    clock = []  # the timer's readings: start and end of every repeat, in seconds
+    now = 100.0
+    for t in timings_ms:
+        for _ in range(repeats):
+            clock += [now, now + t / 1e3]
+            now += 1.0
+    readings = iter(clock)
+    cm = calibrate_latency(CostModel(batch_size=3), widths=widths, sizes=sizes, tokens=tokens,
+                           repeats=repeats, timer=lambda: next(readings))
+    assert next(readings, None) is None  # every reading was used
+    assert cm.latency_overhead_ms == pytest.approx(overhead_ms, rel=1e-6)
+    assert cm.flops_per_ms == pytest.approx(flops_per_ms, rel=1e-6)
+    assert cm.batch_size == 3
+

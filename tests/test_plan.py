@@ -1,19 +1,20 @@
-"""Plan record: JSON round trip, strict loading, metrics, PEFT export."""
+"""Plan record: JSON round trip, strict loading, legacy option names, normalisation."""
 
+import dataclasses
 import json
 import os
+import types
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from scipy import stats
 
 from layerlens_jax._src.allocate import allocate
 from layerlens_jax.models import BertClassifier, BertConfig
-from layerlens_jax._src.plan import (SCHEMA_VERSION, Plan, SiteAllocation, hf_bert_module_name,
-                                load_plan, plan_metrics, render_metrics_markdown, save_peft_config,
-                                save_plan, to_peft_config, uniform_assignments)
+from layerlens_jax._src.costs import CostModel
+from layerlens_jax._src.plan import (SCHEMA_VERSION, Plan, SiteAllocation, load_plan, save_plan,
+                                     uniform_assignments)
 from layerlens_jax._src.sites import discover_sites
 
 
@@ -56,6 +57,9 @@ def test_assignments_and_immutability(plan):
     assert plan.peft_options["lora_alpha"] == 16.0
     assert plan.peft_options["use_rslora"] is False
     assert plan.peft_options["adapter_activation"] == "gelu"
+    assert dict(plan.peft_options) == {"lora_alpha": 16.0, "use_rslora": False,
+                                       "adapter_activation": "gelu", "lora_dropout": 0.0,
+                                       "prefix_reparam_hidden": None}
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -71,6 +75,10 @@ def test_assignments_and_immutability(plan):
     (lambda d: d["allocations"].append(dict(d["allocations"][0])), "appears twice"),
     (lambda d: d["peft_options"].update(lora_alpha="big"), "lora_alpha"),
     (lambda d: d["peft_options"].update(rank=3), "unknown key 'rank'"),
+    (lambda d: d["peft_options"].update(prefix_reparam_hidden=0), "prefix_reparam_hidden"),
+    (lambda d: d["peft_options"].update(use_rslora=1), "use_rslora"),
+    (lambda d: d["peft_options"].update(prefix_projection=4), "both 'prefix_projection'"),
+    (lambda d: d["peft_options"].update(prefix_projection=-1), "prefix_projection"),
     (lambda d: d["budgets"].update(flops=1), "unknown resource 'flops'"),
     (lambda d: d["allocations"][0]["cost"].update(params=-np.inf), "must be finite"),
 ])
@@ -120,89 +128,93 @@ def test_from_assignments_uniform_lora(sites):
         Plan.from_assignments(sites, {"x": ("lora", 4)})
 
 
-def test_metrics_hand_computed():
-    allocs = (
-        _alloc("a", "lora", 8, 0.9), _alloc("b", "lora", 4, 0.5), _alloc("c", "lora", 6, 0.4),
-        _alloc("d", "none", 0, 0.8), _alloc("e", "adapter", 2, 0.3, kind="block", cls="blk"),
-        _alloc("f", "lora", 1, 0.95, cls="other"),
-    )
-    use = {"params": sum(a.cost["params"] for a in allocs)}  # 210
-    plan = Plan(allocations=allocs, budgets={"params": 250.0}, use=use, dual_bound=2.2,
-                objective=2.1)
-    m = plan_metrics(plan)
-    assert m.utilisation == {"params": pytest.approx(210 / 250)}
-    assert m.binding_resource == "params" and m.constraint_satisfaction == 1.0
-    sizes, utils = [8, 4, 6, 2, 1], [0.9, 0.5, 0.4, 0.3, 0.95]
-    ref = stats.spearmanr(sizes, utils)
-    assert m.spearman == pytest.approx(ref.statistic) and m.spearman_p == pytest.approx(ref.pvalue)
-    # same method & class "c": pairs (a>b ok), (a>c ok), (b>c: 4<6 bad) -> 2/3
-    assert m.consistency_class == pytest.approx(2 / 3)
-    # class "c" with none as 0: a,b,c,d -> pairs u_i>u_j: a>d(8>=0), a>b, a>c, d>b(0<4 bad),
-    # d>c (bad), b>c (bad) -> 3/6
-    assert m.consistency_class_incl_none == pytest.approx(3 / 6)
-    # overall over adapted a,b,c,e,f: 10 ordered pairs, good: f>a? 1<8 bad, f>b bad, f>c bad,
-    # f>e bad, a>b, a>c, a>e, b>c bad, b>e, c>e -> 5/10
-    assert m.consistency_overall == pytest.approx(0.5)
-    assert m.method_counts == {"none": 1, "lora": 4, "adapter": 1, "prefix": 0}
-    assert m.method_diversity == 3
-    assert (m.size_min, m.size_max) == (0, 8) and m.size_mean == pytest.approx(21 / 6)
-    assert (m.adapted_size_min, m.adapted_size_max) == (1, 8)
-    assert m.compatibility_rate == 1.0
-    assert m.gap == pytest.approx(0.1 / 2.2)
-    md = render_metrics_markdown(m)
-    assert "| Metric | Target | Achieved | Status |" in md
-    assert "| **Budget Utilization (params)** | ≥ 97% | 84.00% | ⚠️ Below |" in md
-    assert "| **Rank-Utility Consistency (same method & cost class)** | 100% | 66.67% | ⚠️ Below |" in md
-    assert "| **Method Diversity** | ≥ 3 | 3 | ✅ Pass |" in md
-    assert "**Params:** 210 / 250 (84.00%) ✅" in md
+def test_json_content_written(sites):
+    """The JSON holds the schema's keys with the values given (not just "something")."""
+    q, v = "encoder/layers_0/attention/mha/query", "encoder/layers_0/attention/mha/value"
+    plan = Plan.from_assignments(sites, {q: ("lora", 8), v: ("lora", 4)},
+                                 budgets={"params": 500.0, "latency": float("inf")},
+                                 peft_options={"lora_alpha": 8, "prefix_reparam_hidden": 5})
+    d = json.loads(plan.to_json())
+    assert list(d) == ["schema_version", "solver", "objective", "dual_bound", "budgets", "use",
+                       "peft_options", "metadata", "allocations"]
+    assert d["schema_version"] == 1 and d["solver"] == "manual" and d["dual_bound"] is None
+    assert d["budgets"] == {"params": 500.0, "latency": "inf"}
+    assert d["use"]["params"] == 8 * (16 + 16) + 4 * (16 + 16)  # 384
+    assert d["peft_options"] == {"lora_alpha": 8.0, "use_rslora": False,
+                                 "adapter_activation": "gelu", "lora_dropout": 0.0,
+                                 "prefix_reparam_hidden": 5}
+    by_site = {a["site"]: a for a in d["allocations"]}
+    assert len(by_site) == len(sites)
+    assert (by_site[q]["method"], by_site[q]["size"], by_site[q]["cost"]["params"]) == ("lora", 8, 256)
+    assert (by_site[v]["method"], by_site[v]["size"]) == ("lora", 4)
+    assert (by_site["pooler"]["method"], by_site["pooler"]["size"], by_site["pooler"]["gain"]) == (
+        "none", 0, 0.0)
+    assert d["metadata"]["cost_model"]["batch_size"] == CostModel().batch_size
 
 
-def test_metrics_of_an_allocated_plan(plan):
-    m = plan_metrics(plan)
-    assert m.constraint_satisfaction == 1.0
-    assert m.consistency_class == 1.0  # guaranteed by the allocator within cost classes
-    assert m.consistency_class_incl_none == 1.0
-    assert m.binding_utilisation >= 0.97
-    assert json.dumps(m.to_dict(), allow_nan=False)
-    assert "Optimality Gap" in render_metrics_markdown(m)
+def test_legacy_prefix_projection_is_read(plan):
+    """Plans written before the PEFT options had one record name the prefix MLP width
+    ``prefix_projection`` (0 = off); loading reads it as ``prefix_reparam_hidden`` (None = off)."""
+    d = json.loads(plan.to_json())
+    assert d["peft_options"].pop("prefix_reparam_hidden") is None
+    for legacy, expected in ((0, None), (12, 12)):
+        d["peft_options"]["prefix_projection"] = legacy
+        loaded = Plan.from_dict(d)
+        assert loaded.peft_options["prefix_reparam_hidden"] == expected
+        assert "prefix_projection" not in loaded.peft_options
+        assert json.loads(loaded.to_json())["peft_options"]["prefix_reparam_hidden"] == expected
+    # only the JSON loader knows the old name
+    with pytest.raises(ValueError, match="unknown key 'prefix_projection'"):
+        Plan.create(allocations=plan.allocations, budgets={}, use={}, dual_bound=None,
+                    objective=0.0, peft_options={"prefix_projection": 3})
 
 
-def test_peft_config_export(sites, tmp_path):
-    assign = {"encoder/layers_0/attention/mha/query": ("lora", 8),
-              "encoder/layers_0/attention/mha/value": ("lora", 8),
-              "encoder/layers_1/attention/mha/query": ("lora", 4),
-              "embeddings/word": ("lora", 2),
-              "encoder/layers_0/mlp": ("adapter", 8),
-              "encoder/layers_0/attention/mha": ("prefix", 4)}
-    plan = Plan.from_assignments(sites, assign, peft_options={"lora_alpha": 32.0, "use_rslora": True})
-    config, dropped = to_peft_config(plan, hf_bert_module_name, task_type="SEQ_CLS",
-                                     alpha_pattern={"embeddings/word": 4.0})
-    assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
-    assert config["r"] == 8 and config["lora_alpha"] == 32.0 and config["use_rslora"] is True
-    assert config["target_modules"] == ["embeddings.word_embeddings",
-                                        "encoder.layer.0.attention.self.query",
-                                        "encoder.layer.0.attention.self.value",
-                                        "encoder.layer.1.attention.self.query"]
-    assert config["rank_pattern"] == {"embeddings.word_embeddings": 2,
-                                      "encoder.layer.1.attention.self.query": 4}
-    assert config["alpha_pattern"] == {"embeddings.word_embeddings": 4.0}
-    assert sorted((d["site"], d["method"]) for d in dropped) == [
-        ("encoder/layers_0/attention/mha", "prefix"), ("encoder/layers_0/mlp", "adapter")]
-    # a mapping without some sites: those are dropped, with the reason
-    config2, dropped2 = to_peft_config(plan, {"embeddings/word": "word"})
-    assert config2["target_modules"] == ["word"]
-    assert any("no PyTorch module name" in d["reason"] for d in dropped2)
-    default, _ = to_peft_config(plan)
-    assert "encoder.layers_0.attention.mha.query" in default["target_modules"]
-    with pytest.raises(ValueError, match="map to one module name"):
-        to_peft_config(plan, lambda p: "same")
-    save_peft_config(plan, tmp_path, hf_bert_module_name)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 8
+def test_missing_peft_options_take_defaults(plan):
+    d = json.loads(plan.to_json())
+    d["peft_options"] = {"lora_alpha": 4}
+    loaded = Plan.from_dict(d)
+    assert dict(loaded.peft_options) == {"lora_alpha": 4.0, "use_rslora": False,
+                                         "adapter_activation": "gelu", "lora_dropout": 0.0,
+                                         "prefix_reparam_hidden": None}
+    assert type(loaded.peft_options["lora_alpha"]) is float
 
 
-def test_hf_bert_names():
-    assert hf_bert_module_name("encoder/layers_3/attention/mha/out") == "encoder.layer.3.attention.output.dense"
-    assert hf_bert_module_name("encoder/layers_0/mlp/intermediate") == "encoder.layer.0.intermediate.dense"
-    assert hf_bert_module_name("encoder/layers_0/mlp/output") == "encoder.layer.0.output.dense"
-    assert hf_bert_module_name("pooler") == "pooler.dense"
-    assert hf_bert_module_name("encoder/layers_0/mlp") is None
+def test_cost_model_prefix_width_is_recorded(sites):
+    mha = "encoder/layers_0/attention/mha"
+    plan = Plan.from_assignments(sites, {mha: ("prefix", 2)},
+                                 cost_model=CostModel(prefix_projection=6))
+    assert plan.peft_options["prefix_reparam_hidden"] == 6
+    # prefix 2 on 2 heads of 8 from width 16 through a 6-wide MLP: 2*16 + (16*6 + 6) + (6*32 + 32)
+    assert plan.allocation(mha).cost["params"] == 2 * 16 + 16 * 6 + 6 + 6 * 32 + 32
+    assert Plan.from_assignments(sites, {}).peft_options["prefix_reparam_hidden"] is None
+
+
+def test_create_normalises_and_the_constructor_only_validates():
+    a = SiteAllocation(site="s", kind="linear", method="lora", size=np.int64(4),
+                       cost={"params": np.float32(40.0)}, utility=np.float64(0.5),
+                       gain=np.float32(0.25), pinned=np.bool_(True))
+    plan = Plan.create(allocations=[a], budgets={"params": "inf"}, use={"params": np.int64(40)},
+                       dual_bound=np.float64(1.0), objective=np.float32(0.25),
+                       metadata={"t": (np.float32(1.5), np.nan)})
+    b = plan.allocations[0]
+    assert (type(b.size), type(b.utility), type(b.gain), type(b.pinned)) == (int, float, float, bool)
+    assert isinstance(b.cost, types.MappingProxyType) and type(b.cost["params"]) is float
+    assert dict(plan.budgets) == {"params": float("inf")} and type(plan.use["params"]) is float
+    assert type(plan.objective) is float and type(plan.dual_bound) is float
+    assert dict(plan.metadata) == {"t": [1.5, None]}
+    for mapping in (plan.budgets, plan.use, plan.peft_options, plan.metadata, b.cost):
+        with pytest.raises(TypeError):
+            mapping["x"] = 1
+    # a replace keeps the plan normalised; the bare constructor validates
+    assert dataclasses.replace(plan, solver="milp").budgets is plan.budgets
+    with pytest.raises(ValueError, match="missing key"):
+        Plan(allocations=(a,), budgets={}, use={}, dual_bound=None, objective=0.0,
+             peft_options={"lora_alpha": 2.0})
+    with pytest.raises(ValueError, match="must be a tuple"):
+        Plan(allocations=[a], budgets={}, use={}, dual_bound=None, objective=0.0)
+    with pytest.raises(ValueError, match="Plan.use\\['params'\\] must be >= 0"):
+        Plan.create(allocations=[a], budgets={}, use={"params": -1.0}, dual_bound=None,
+                    objective=0.0)
+    with pytest.raises(ValueError, match="site 's'.*incompatible with kind 'norm'"):
+        SiteAllocation(site="s", kind="norm", method="lora", size=2, cost={}, utility=0.0,
+                       gain=0.0)

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from layerlens_jax._src.costs import RESOURCES, cost_class
-from layerlens_jax._src.plan import Plan, SiteAllocation, default_peft_options
+from layerlens_jax._src.methods import default_peft_options
+from layerlens_jax._src.plan import Plan, SiteAllocation
 from layerlens_jax._src.problem import Problem
 
 __all__ = ["repair_budget_float64", "to_plan"]
@@ -65,7 +66,7 @@ def to_plan(problem: Problem, choice: np.ndarray, dual_bound: float | None, solv
     use = {r: float(v) for r, v in zip(RESOURCES, chosen_cost.sum(axis=0))}
     objective = float(gains.sum())
     opts = default_peft_options()
-    opts["prefix_projection"] = problem.cost_model.prefix_projection
+    opts["prefix_reparam_hidden"] = problem.cost_model.prefix_projection or None
     opts.update(peft_options or {})
     metadata = {
         "effective_budgets": {r: float(b) for r, b in zip(problem.resources, problem.budget)},
@@ -75,6 +76,6 @@ def to_plan(problem: Problem, choice: np.ndarray, dual_bound: float | None, solv
         "gain_model": problem.gain_model.to_dict(),
         **extra,
     }
-    return Plan(allocations=tuple(allocations), budgets=dict(problem.budgets), use=use,
-                dual_bound=None if dual_bound is None else max(float(dual_bound), objective),
-                objective=objective, peft_options=opts, solver=solver, metadata=metadata)
+    return Plan.create(allocations=tuple(allocations), budgets=dict(problem.budgets), use=use,
+                       dual_bound=None if dual_bound is None else max(float(dual_bound), objective),
+                       objective=objective, peft_options=opts, solver=solver, metadata=metadata)

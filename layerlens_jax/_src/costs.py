@@ -89,12 +89,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from layerlens_jax._src.methods import ADAPTER_METHODS, METHOD_KINDS, METHODS
 from layerlens_jax._src.sites import KINDS, Site
 
 __all__ = [
     "RESOURCES",
-    "METHODS",
-    "METHOD_KINDS",
     "OPTIMIZER_STATE_SLOTS",
     "MethodSpec",
     "Catalogue",
@@ -109,14 +108,6 @@ __all__ = [
 ]
 
 RESOURCES = ("params", "train_flops", "infer_flops", "vram_bytes", "latency")
-METHODS = ("none", "lora", "adapter", "prefix")
-#: The site kinds each method has a cost formula (and a PEFT module) for.
-METHOD_KINDS: Mapping[str, tuple[str, ...]] = {
-    "none": KINDS,
-    "lora": ("linear", "embedding", "conv"),
-    "adapter": ("block",),
-    "prefix": ("attention",),
-}
 #: Optimizer state slots per trainable parameter (adafactor counted as one full slot: conservative).
 OPTIMIZER_STATE_SLOTS: Mapping[str, float] = {
     "sgd": 0, "momentum": 1, "nesterov": 1, "adam": 2, "adamw": 2, "nadam": 2, "nadamw": 2,
@@ -145,9 +136,9 @@ class MethodSpec:
     kinds: tuple[str, ...] | None = None  # None: every kind the method has a formula for
 
     def __post_init__(self):
-        if self.name not in METHODS or self.name == "none":
+        if self.name not in ADAPTER_METHODS:
             raise ValueError(f"unknown method {self.name!r} in the catalogue; expected one of "
-                             f"{METHODS[1:]}")
+                             f"{ADAPTER_METHODS}")
         object.__setattr__(self, "sizes", _check_int_sizes(self.name, self.sizes))
         kinds = METHOD_KINDS[self.name] if self.kinds is None else tuple(self.kinds)
         for k in kinds:
@@ -239,7 +230,9 @@ class CostModel:
     optimizer: str = "adamw"
     optimizer_state_dtype: str | None = None  # None: the parameter dtype
     merge_lora: bool = True
-    prefix_projection: int = 0  # hidden width of the prefix reparameterisation MLP; 0 = off
+    # hidden width of the prefix reparameterisation MLP; 0 = off (plans record it as the PEFT
+    # option prefix_reparam_hidden, None = off)
+    prefix_projection: int = 0
     latency_overhead_ms: float = 0.005  # per extra kernel launch
     flops_per_ms: float = 1.0e10  # effective throughput (10 TFLOP/s)
 
@@ -307,7 +300,7 @@ class GainModel:
         for field in ("efficiency", "scale"):
             d = dict(getattr(self, field))
             for k, v in d.items():
-                if k not in METHODS[1:]:
+                if k not in ADAPTER_METHODS:
                     raise ValueError(f"GainModel.{field} names unknown method {k!r}")
                 if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                     raise ValueError(f"GainModel.{field}[{k!r}] must be a finite number >= 0, "
@@ -353,7 +346,7 @@ def trainable_params(site: Site, method: str, size: int, *, prefix_projection: i
         raise ValueError(f"unknown method {method!r} for site {site.path!r}; expected {METHODS}")
     if method == "none":
         return 0
-    if method not in ("none",) and site.kind not in METHOD_KINDS[method]:
+    if site.kind not in METHOD_KINDS[method]:
         raise ValueError(f"method {method!r} is incompatible with site {site.path!r} of kind "
                          f"{site.kind!r} (compatible kinds: {METHOD_KINDS[method]})")
     f = _features(site, method)

@@ -21,7 +21,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from layerlens_jax._src.costs import (METHODS, RESOURCES, Catalogue, CostModel, GainModel,
+from layerlens_jax._src.methods import METHODS
+from layerlens_jax._src.costs import (RESOURCES, Catalogue, CostModel, GainModel,
                                       option_costs, option_mask)
 from layerlens_jax._src.sites import Site
 
@@ -248,14 +249,19 @@ def _check_feasible(sites: tuple[Site, ...], resources: tuple[str, ...], budget:
 
 
 def _equal_cost_groups(u: np.ndarray, c_rso: np.ndarray, allowed: np.ndarray,
-                       pins: Mapping[int, Any]) -> np.ndarray:
+                       pins: Mapping[int, Any], gain: np.ndarray) -> np.ndarray:
     """For each site the representative (largest utility) of the unpinned sites with identical
-    cost rows and allowed options; a pinned site is its own group."""
+    cost rows, allowed options and gain rows proportional to each other (the monotone repair's
+    premise: true for a utility-times-shape gain model, not for per-site curves such as
+    :class:`~layerlens_jax._src.spectral.SpectralGain`); a pinned site is its own group."""
     keys: dict[bytes, list[int]] = {}
+    top = np.max(np.abs(gain), axis=1, keepdims=True)
+    shape = np.round(np.divide(gain, top, out=np.zeros_like(gain), where=top > 0), 9)
     for i in range(len(u)):
         if i in pins:
             continue
-        keys.setdefault(c_rso[:, i].tobytes() + allowed[i].tobytes(), []).append(i)
+        key = c_rso[:, i].tobytes() + allowed[i].tobytes() + shape[i].tobytes()
+        keys.setdefault(key, []).append(i)
     group = np.arange(len(u))
     for members in keys.values():
         group[members] = members[int(np.argmax(u[members]))]
@@ -294,6 +300,6 @@ def build_problem(sites: Sequence[Site], utility, budgets: Mapping[str, float], 
     pinned_flags[list(pins)] = True
     return Problem(sites=sites, options=options, utility=u, gain=gain, cost=cost, mask=allowed,
                    resources=resources, budget=budget, budgets=budgets,
-                   group=_equal_cost_groups(u, c_rso, allowed, pins), pinned=pinned_flags,
+                   group=_equal_cost_groups(u, c_rso, allowed, pins, gain), pinned=pinned_flags,
                    utilisation=band, catalogue=catalogue, cost_model=cost_model,
                    gain_model=gain_model)

@@ -81,8 +81,9 @@ def _load_plans(cfg):
 
 def stage_plan(cfg, prep, log) -> None:
     from layerlens_jax.app.pipeline import make_plans, read_json, sites_from_json
-    from layerlens_jax._src.plan import (hf_bert_module_name, plan_metrics, render_metrics_markdown,
-                                    save_peft_config, save_plan)
+    from layerlens_jax._src.export import hf_bert_module_name, save_peft_config
+    from layerlens_jax._src.plan import save_plan
+    from layerlens_jax._src.plan_metrics import plan_metrics, render_metrics_markdown
 
     sites, u = sites_from_json(read_json(_out(cfg) / "stats.json", "profile"))
     plans = make_plans(cfg, sites, u)
@@ -218,7 +219,7 @@ def verdict(summary: list[dict[str, Any]]) -> str | None:
 def stage_report(cfg, prep, log) -> None:
     from layerlens_jax.app import report as R
     from layerlens_jax.app.pipeline import comparison_markdown, read_json, write_json
-    from layerlens_jax._src.plan import plan_metrics, render_metrics_markdown
+    from layerlens_jax._src.plan_metrics import plan_metrics, render_metrics_markdown
     from layerlens_jax._src.utility import UtilityReport
 
     out = _out(cfg)

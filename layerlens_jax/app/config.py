@@ -13,7 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping
 
-from layerlens_jax._src.costs import DEFAULT_EFFICIENCY, DEFAULT_SATURATION, METHODS, GainModel
+from layerlens_jax._src.costs import DEFAULT_EFFICIENCY, DEFAULT_SATURATION, GainModel
+from layerlens_jax._src.methods import METHODS
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "VARIANTS"]
 

@@ -34,6 +34,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
+from layerlens_jax._src.methods import ADAPTER_METHODS, METHOD_KINDS, METHODS, PeftOptions
 from layerlens_jax._src.peft.nnx_modules import (PEFT_FILTER, PEFT_PREFIX, Adapter, LoRA,
                                             PeftParam, Prefix, lora_target_info,
                                             prefix_target_info)
@@ -58,46 +59,13 @@ __all__ = [
     "combine_params",
 ]
 
-METHODS = ("lora", "adapter", "prefix")
-#: Site kinds each method can wrap.
-METHOD_KINDS = {"lora": ("linear", "embedding", "conv"), "adapter": ("block",),
-                "prefix": ("attention",)}
-
-
-@dataclasses.dataclass(frozen=True)
-class PeftOptions:
-    """Options shared by every site of a plan (the plan's ``peft_options``).
-
-    lora_alpha / use_rslora: scale ``alpha / r`` (``alpha / sqrt(r)``); lora_dropout: dropout on the
-    LoRA input (needs an rng; off by default); adapter_activation: bottleneck nonlinearity;
-    prefix_mode: ``"parallel"`` (identity at init) or ``"joint"``; prefix_reparam_hidden: width of
-    the prefix-tuning reparameterisation MLP (None = off, the cost model's default);
-    param_dtype: dtype of the adapter parameters; seed: base of the per-site init keys.
-    """
-
-    lora_alpha: float = 16.0
-    use_rslora: bool = False
-    lora_dropout: float = 0.0
-    adapter_activation: str = "gelu"
-    prefix_mode: str = "parallel"
-    prefix_reparam_hidden: int | None = None
-    param_dtype: Any = jnp.float32
-    seed: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["param_dtype"] = jnp.dtype(self.param_dtype).name
-        return d
-
-
 _OPTION_NAMES = {f.name for f in dataclasses.fields(PeftOptions)}
 
 
 def normalize_plan(plan: Any, **options) -> tuple[dict[str, tuple[str, int]], PeftOptions]:
     """``(assignments, options)`` from a Plan (``.assignments()`` + ``.peft_options``) or a mapping
     ``{site: (method, size)}`` (or ``{site: {"method": ..., "size": ...}}``). Keyword options
-    override the plan's ``peft_options`` (whose ``prefix_projection``, 0 = off, is read as
-    ``prefix_reparam_hidden``). Sites with method ``"none"`` are dropped."""
+    override the plan's ``peft_options``. Sites with method ``"none"`` are dropped."""
     if hasattr(plan, "assignments") and callable(plan.assignments):
         raw = plan.assignments()
         opts = dict(getattr(plan, "peft_options", None) or {})
@@ -106,9 +74,6 @@ def normalize_plan(plan: Any, **options) -> tuple[dict[str, tuple[str, int]], Pe
     else:
         raise TypeError(f"apply_plan expects a Plan or a mapping {{site: (method, size)}}, "
                         f"got {type(plan).__name__}")
-    if "prefix_projection" in opts:  # the Plan's name (0 = off) for the reparameterisation width
-        proj = opts.pop("prefix_projection")
-        opts.setdefault("prefix_reparam_hidden", int(proj) if proj else None)
     opts = {k: v for k, v in opts.items() if k in _OPTION_NAMES}
     unknown = set(options) - _OPTION_NAMES
     if unknown:
@@ -126,7 +91,7 @@ def normalize_plan(plan: Any, **options) -> tuple[dict[str, tuple[str, int]], Pe
                                  f"got {entry!r}") from None
         if method in (None, "none"):
             continue
-        if method not in METHODS:
+        if method not in ADAPTER_METHODS:
             raise ValueError(f"plan assigns unknown method {method!r} to site {site!r}; "
                              f"expected one of {METHODS}")
         if isinstance(size, (np.integer,)):
