@@ -41,14 +41,22 @@ from layerlens_jax.app.pipeline import (_mean_loss, evaluate_accuracy, make_plan
                                     run_profile, stats_to_json, train_variant,
                                     write_json)
 
-MAX_LENGTH = {"trec6": 32, "movie_sentiment": 48}  # ~95-99th percentile lengths
+MAX_LENGTH = {"trec6": 32, "trec50": 32, "movie_sentiment": 48, "tweet_sentiment": 48}  # ~95-99th pct
 
 
-def _cfg(task: str, args, scale: float = 1.0):
-    overrides = {"data.task": task, "model.max_length": MAX_LENGTH[task],
+def _split_task(spec: str) -> tuple[str, int]:
+    """``"trec6"`` -> ("trec6", 0); ``"trec6:500"`` -> ("trec6", 500) (the low-data regime)."""
+    task, _, n = spec.partition(":")
+    return task, int(n or 0)
+
+
+def _cfg(spec: str, args, scale: float = 1.0):
+    task, train_examples = _split_task(spec)
+    overrides = {"data.task": task, "data.train_examples": train_examples,
+                 "model.max_length": MAX_LENGTH.get(task, 48),
                  "train.steps": args.steps, "train.eval_every": max(args.steps // 3, 1),
                  "budget.scale": scale, "profile.batches": args.profile_batches,
-                 "run.output_dir": str(Path(args.out) / task)}
+                 "run.output_dir": str(Path(args.out) / spec.replace(":", "_"))}
     from layerlens_jax.app.cli import _parse_set
     overrides.update(_parse_set(args.set))  # explicit --set wins
     return load_config(args.config, overrides)
@@ -112,141 +120,211 @@ def predictive_validity(prep, stats, u, steps: int, lr: float) -> dict:
             "spearman": float(rho.statistic), "spearman_p": float(rho.pvalue)}
 
 
+PLAN_VARIANTS = ("layerlens_lora", "layerlens_mixed", "spectral_frobenius", "spectral_nuclear")
+DEFAULT_VARIANTS = ("uniform:qv", "uniform:qkvo", "uniform:ffn", "uniform:all") + PLAN_VARIANTS + (
+    "head_only", "full")
+
+
+def sweep_plans(bcfg, sites, u, spectra, variants) -> dict:
+    """Every plan variant at ``bcfg``'s budget: the uniform candidates and the allocated plans,
+    each with its allocation seconds in ``metadata['allocate_seconds']`` (uniform: 0)."""
+    from layerlens_jax._src.allocate import allocate
+    from layerlens_jax._src.costs import Catalogue
+    from layerlens_jax._src.plan import Plan, uniform_assignments
+    from layerlens_jax._src.spectral import SpectralGain
+    from layerlens_jax.app.sweep import uniform_candidates
+
+    plans = make_plans(bcfg, list(sites), u)  # uniform_lora, layerlens_lora, layerlens_mixed
+    budget = plans["uniform_lora"].use["params"] if bcfg.budget.scale == 1.0 else None
+    if budget is None:  # the reference budget times the scale (the uniform plan's rank is scaled)
+        ref = make_plans(dataclasses.replace(bcfg, budget=dataclasses.replace(bcfg.budget,
+                                                                               scale=1.0)),
+                         list(sites), u)["uniform_lora"].use["params"]
+        budget = ref * bcfg.budget.scale
+    ref_opts = {"lora_alpha": bcfg.budget.reference_alpha, "use_rslora": False}
+    out = {}
+    for name, (targets, rank, _) in uniform_candidates(sites, budget).items():
+        if name in variants:
+            out[name] = Plan.from_assignments(
+                sites, uniform_assignments(sites, "lora", rank, targets), u,
+                peft_options=ref_opts, metadata={"variant": name, "rank": rank})
+    a = bcfg.allocate
+    for name in ("layerlens_lora", "layerlens_mixed"):
+        if name in variants:
+            out[name] = plans[name]
+    for norm in ("frobenius", "nuclear"):
+        name = f"spectral_{norm}"
+        if name in variants:
+            t0 = time.perf_counter()
+            out[name] = allocate(sites, u, {"params": budget},
+                                 catalogue=Catalogue.from_sizes(lora=a.lora_ranks),
+                                 gain_model=SpectralGain(spectra=spectra, norm=norm,
+                                                         fallback=a.gain_model()),
+                                 peft_options={"lora_alpha": a.lora_alpha,
+                                               "use_rslora": a.use_rslora})
+            out[name] = dataclasses.replace(out[name], metadata={
+                **out[name].metadata, "allocate_seconds": time.perf_counter() - t0})
+    return out
+
+
+def _settings(spec, scale, variant, seed, args) -> dict:
+    return {"task": spec, "budget": scale, "variant": variant, "seed": seed, "steps": args.steps,
+            "profile_batches": args.profile_batches, "config": args.config,
+            "set": sorted(args.set), "protocol": 3}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", default="configs/default.toml")
-    ap.add_argument("--tasks", nargs="+", default=["trec6", "movie_sentiment"])
-    ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+",
-                    default=["uniform_lora", "layerlens_lora", "layerlens_mixed", "head_only",
-                             "full"])
+    ap.add_argument("--tasks", nargs="+", default=["trec6", "movie_sentiment"],
+                    help="task names; task:N keeps N training examples (low-data regime)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.125, 1.0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--profile-batches", type=int, default=8)
     ap.add_argument("--predictive", action="store_true")
     ap.add_argument("--predictive-steps", type=int, default=20)
     ap.add_argument("--out", default="runs/validation")
-    ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite validation.md from the stored results")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override, as for `layerlens` (e.g. utility.transform='sqrt')")
     args = ap.parse_args()
 
+    from layerlens_jax.app.sweep import run_key
     out = Path(args.out)
     store_path = out / "validation.json"
-    store = {"runs": [], "plans": {}, "utility": {}, "predictive": {}}
-    if store_path.is_file() and not args.fresh:
-        store = json.loads(store_path.read_text())
+    store = {"runs": {}, "plans": {}, "utility": {}, "predictive": {}, "timing": {}}
+    if store_path.is_file():
+        store = {**store, **json.loads(store_path.read_text())}
     if args.render:
         md = render(store)
         (out / "validation.md").write_text(md)
         print(md)
         return
-    done = {(r["task"], r["budget_scale"], r["variant"], r["seed"]) for r in store["runs"]}
     store["command"] = "python " + " ".join(sys.argv)
 
-    for task in args.tasks:
-        cfg = _cfg(task, args)
+    for spec in args.tasks:
+        cfg = _cfg(spec, args)
         prep = prepare(cfg)
         t0 = time.perf_counter()
         stats, u, rep = run_profile(prep, progress=False)
-        store["utility"][task] = {**rep.to_dict(), "profile_seconds": time.perf_counter() - t0}
-        write_json(out / f"{task}_stats.json", stats_to_json(stats, u, rep))  # to replay plans
-        print(f"[{task}] utility: CV {rep.cv:.3f}, r(grad) {rep.grad_corr:.3f}, "
-              f"r(fisher) {rep.fisher_corr:.3f}", flush=True)
-        if args.predictive and (task not in store["predictive"] or args.fresh):
-            t0 = time.perf_counter()
+        profile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        spectra = _spectra(prep, stats)
+        spectra_s = time.perf_counter() - t0
+        store["utility"][spec] = rep.to_dict()
+        store["timing"][spec] = {"profile_seconds": profile_s, "spectra_seconds": spectra_s}
+        print(f"[{spec}] utility: CV {rep.cv:.3f}, r(grad) {rep.grad_corr:.3f}, "
+              f"r(fisher) {rep.fisher_corr:.3f}; profile {profile_s:.1f}s, spectra "
+              f"{spectra_s:.1f}s", flush=True)
+        if args.predictive and spec not in store["predictive"]:
             pv = predictive_validity(prep, stats, u, args.predictive_steps, cfg.train.learning_rate)
-            pv["seconds"] = time.perf_counter() - t0
-            store["predictive"][task] = pv
+            store["predictive"][spec] = pv
             write_json(store_path, store)
-            print(f"[{task}] predictive validity: Spearman {pv['spearman']:.3f} "
-                  f"(p={pv['spearman_p']:.2g}) over {len(pv['sites'])} sites", flush=True)
         for scale in args.budgets:
-            bcfg = _cfg(task, args, scale)
+            bcfg = _cfg(spec, args, scale)
             prep_b = dataclasses.replace(prep, cfg=bcfg)
-            plans = make_plans(bcfg, list(stats.sites), u)
+            plans = sweep_plans(bcfg, list(stats.sites), u, spectra, args.variants)
             from layerlens_jax._src.plan_metrics import plan_metrics
-            store["plans"][f"{task}@{scale}"] = {
+            store["plans"][f"{spec}@{scale}"] = {
                 name: {"assignments": {k: list(v) for k, v in p.assignments().items()},
                        "params": p.use["params"],
+                       "allocate_seconds": p.metadata.get("allocate_seconds", 0.0),
                        "metrics": plan_metrics(p).to_dict()} for name, p in plans.items()}
             for seed in args.seeds:
                 for variant in args.variants:
-                    key_scale = scale if variant in plans else 1.0
-                    if variant not in plans and scale != args.budgets[0]:
-                        continue  # head_only / full: once per task
-                    if (task, key_scale, variant, seed) in done:
+                    if variant in ("head_only", "full"):
+                        if scale != args.budgets[0]:
+                            continue  # once per task
+                        key_scale = 0.0
+                    elif variant in plans:
+                        key_scale = scale
+                    else:
+                        continue  # a uniform target set whose rank 1 does not fit
+                    key = run_key(_settings(spec, key_scale, variant, seed, args))
+                    if key in store["runs"]:
                         continue
                     res = train_variant(prep_b, variant, plans.get(variant), seed, progress=False)
-                    r = {**res.to_json(), "task": task, "budget_scale": key_scale}
-                    store["runs"].append(r)
-                    done.add((task, key_scale, variant, seed))
+                    r = {**res.to_json(), "task": spec, "budget_scale": key_scale}
+                    store["runs"][key] = r
                     write_json(store_path, store)
-                    print(f"[{task} x{key_scale}] {variant} seed {seed}: test "
+                    print(f"[{spec} x{key_scale}] {variant} seed {seed}: test "
                           f"{100 * r['test_accuracy']:.2f}% val {100 * r['val_accuracy']:.2f}% "
                           f"({r['trainable_params']:,} trainable, {r['train_seconds']:.0f}s)",
                           flush=True)
-    write_json(store_path, store)  # plans and utility even when every run was already done
+    write_json(store_path, store)
     md = render(store)
     (out / "validation.md").write_text(md)
     print(md)
 
 
+def _spectra(prep, stats):
+    """Gradient spectra of the profiled sites on the profiling batches (same order and count)."""
+    from layerlens_jax._src.spectral import gradient_spectra
+    from layerlens_jax.app.data import iterate_batches
+    from layerlens_jax.app.pipeline import classification_loss
+
+    cfg = prep.cfg
+    model = prep.build_model(cfg.run.seed)
+    batches = iterate_batches(prep.arrays["train"], cfg.data.batch_size, seed=cfg.run.seed,
+                              epoch=10_000)
+    return gradient_spectra(model, classification_loss, batches, list(stats.sites),
+                            max_batches=cfg.profile.batches)
+
+
 def render(store) -> str:
-    lines = [f"# Task validation\n\nreproduce: `{store.get('command', '')}`\n"]
-    tasks = list(dict.fromkeys(r["task"] for r in store["runs"]))
-    for task in tasks:
-        lines.append(f"## {task}\n")
-        if task in store["utility"]:
-            u = store["utility"][task]
+    from layerlens_jax.app.sweep import best_by_validation, paired_difference
+
+    runs = list(store["runs"].values()) if isinstance(store["runs"], dict) else store["runs"]
+    lines = [f"# Task validation\n\nreproduce: `{store.get('command', '')}`\n",
+             "Test accuracy % (mean ± std over seeds), validation in brackets. *best uniform*: the "
+             "uniform configuration with the best mean validation accuracy at that budget. "
+             "Δ: paired difference to it over the shared seeds, with the 95 % paired-t interval.\n"]
+    summary = []
+    for spec in dict.fromkeys(r["task"] for r in runs):
+        lines.append(f"## {spec}\n")
+        if spec in store.get("utility", {}):
+            u = store["utility"][spec]
             lines.append(f"Utility: CV {u['cv']:.3f}, Pearson r with grad norm {u['grad_corr']:.3f}, "
                          f"with Fisher trace {u['fisher_corr']:.3f}.\n")
-        if task in store.get("predictive", {}):
-            p = store["predictive"][task]
-            lines.append(f"Predictive validity: Spearman(utility, val-loss drop of training the "
-                         f"site alone for {p['steps']} steps) = {p['spearman']:.3f} "
-                         f"(p={p['spearman_p']:.2g}, {len(p['sites'])} sites).\n")
-        lines.append("| budget | variant | test acc. % (mean ± std) | val acc. % | val loss | seeds | "
-                     "adapter params | trainable params | train s | step MiB |")
-        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        runs = [r for r in store["runs"] if r["task"] == task]
-        groups = list(dict.fromkeys((r["budget_scale"], r["variant"]) for r in runs))
-        for scale, variant in sorted(groups, key=lambda g: (-g[0], g[1])):
-            rs = [r for r in runs if (r["budget_scale"], r["variant"]) == (scale, variant)]
-            acc = 100 * np.array([r["test_accuracy"] for r in rs])
-            val = 100 * np.array([r["val_accuracy"] for r in rs])
-            vloss = np.array([r["val_loss"] for r in rs])
-            mem = rs[0]["step_memory_bytes"]
-            lines.append(
-                f"| {scale:g} | {variant} | {acc.mean():.2f} ± {acc.std():.2f} | "
-                f"{val.mean():.2f} ± {val.std():.2f} | {vloss.mean():.4f} ± {vloss.std():.4f} | "
-                f"{len(rs)} | "
-                f"{rs[0]['adapter_params'] or '—'} | {rs[0]['trainable_params']:,} | "
-                f"{np.mean([r['train_seconds'] for r in rs]):.0f} | "
-                f"{'n/a' if mem is None else f'{mem / 2**20:.0f}'} |")
-        lines.append("")
-        for key, plans in store.get("plans", {}).items():
-            if not key.startswith(task + "@") or not plans:
-                continue
-            lines.append(f"Plan metrics at budget {key.split('@')[1]} (the seed report's):\n")
-            lines.append("| plan | sites adapted | methods (lora/adapter/prefix) | params use / budget "
-                         "| rank–utility Spearman | consistency | compatibility | constraints met |")
-            lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
-            for name, p in plans.items():
-                if not p:
-                    continue
-                m = p["metrics"]
-                c = m["method_counts"]
-                util = m["utilisation"].get("params")
-                rho = m["spearman"]
-                lines.append(
-                    f"| {name} | {m['n_adapted']} | {c['lora']}/{c['adapter']}/{c['prefix']} | "
-                    f"{'—' if util is None else f'{100 * util:.1f} %'} | "
-                    f"{'—' if rho is None else f'{rho:.3f}'} | {m['consistency_class']:.3f} | "
-                    f"{m['compatibility_rate']:.3f} | {m['constraint_satisfaction']:.3f} |")
+        task_runs = [r for r in runs if r["task"] == spec]
+        for scale in sorted({r["budget_scale"] for r in task_runs}, reverse=True):
+            rs = [r for r in task_runs if r["budget_scale"] == scale]
+            variants = list(dict.fromkeys(r["variant"] for r in rs))
+            best = best_by_validation(rs, [v for v in variants if v.startswith("uniform")])
+            lines.append(f"### budget {scale:g}" + (f" — best uniform: `{best}`" if best else "")
+                         + "\n")
+            lines.append("| variant | test % | val % | val loss | seeds | adapter params | train s "
+                         "| Δ test vs best uniform [95 % CI] |")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---|")
+            for v in variants:
+                vr = [r for r in rs if r["variant"] == v]
+                acc = 100 * np.array([r["test_accuracy"] for r in vr])
+                val = 100 * np.array([r["val_accuracy"] for r in vr])
+                vloss = np.array([r["val_loss"] for r in vr])
+                d = paired_difference(vr, [r for r in rs if r["variant"] == best]) \
+                    if best and v != best else None
+                ci = "" if d is None else (f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
+                                           + (" *" if d.excludes_zero else ""))
+                if d is not None and not v.startswith("uniform") and scale > 0:
+                    summary.append((spec, scale, v, d))
+                lines.append(f"| {v} | {acc.mean():.2f} ± {acc.std():.2f} | ({val.mean():.2f}) | "
+                             f"{vloss.mean():.4f} | {len(vr)} | {vr[0]['adapter_params'] or '—'} | "
+                             f"{np.mean([r['train_seconds'] for r in vr]):.0f} | {ci} |")
             lines.append("")
+    if summary:
+        lines.append("## Mean over tasks: plan − best uniform (test points)\n")
+        lines.append("| budget | variant | tasks | mean Δ | per task |")
+        lines.append("|---:|---|---:|---:|---|")
+        for scale in sorted({s for _, s, _, _ in summary}, reverse=True):
+            for v in dict.fromkeys(v for _, s, v, _ in summary if s == scale):
+                ds = [(t, d) for t, s, vv, d in summary if s == scale and vv == v]
+                per = ", ".join(f"{t} {d.mean:+.2f}" for t, d in ds)
+                lines.append(f"| {scale:g} | {v} | {len(ds)} | "
+                             f"{np.mean([d.mean for _, d in ds]):+.2f} | {per} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -1,0 +1,123 @@
+"""The validation sweep's pure parts: variants at a budget, result keys, selection, paired statistics.
+
+A sweep trains every (task, budget, variant, seed) once; :mod:`scripts/validate_task.py` drives it.
+This module holds what must be right independently of the training loop:
+
+* :data:`TARGET_SETS` and :func:`uniform_candidates`: the uniform-rank baselines a careful user tries
+  by hand -- LoRA on {query+value, q+k+v+out, FFN only, all linear layers}, each at the largest rank
+  whose parameter count fits the budget (none where rank 1 does not fit);
+* :func:`run_key`: the results store's key, a hash of everything that determines a run, so a sweep
+  resumes across sittings and never recomputes a finished run (and never reuses a run whose settings
+  changed);
+* :func:`best_by_validation`: the variant with the best mean validation accuracy (ties: lower
+  validation loss) -- the test split plays no part in any choice;
+* :func:`paired_difference`: mean test-accuracy difference of two variants over the seeds they share,
+  with a two-sided 95 % paired-t confidence interval (seeds pair the data order and head
+  initialisation, so the per-seed differences are the honest unit of replication).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats as sps
+
+from layerlens_jax._src.costs import trainable_params
+from layerlens_jax._src.sites import Site
+
+__all__ = ["TARGET_SETS", "uniform_candidates", "run_key", "best_by_validation",
+           "PairedDifference", "paired_difference"]
+
+#: LoRA target sets of the uniform baselines, by the last component of a site's path.
+TARGET_SETS: dict[str, tuple[str, ...]] = {
+    "qv": ("query", "value"),
+    "qkvo": ("query", "key", "value", "out"),
+    "ffn": ("intermediate", "output"),
+    "all": ("query", "key", "value", "out", "intermediate", "output"),
+}
+
+
+def uniform_candidates(sites: Sequence[Site], budget_params: float,
+                       target_sets: Mapping[str, Sequence[str]] = TARGET_SETS,
+                       max_rank: int = 64) -> dict[str, tuple[tuple[str, ...], int, int]]:
+    """``{"uniform:<set>": (targets, rank, params)}``: each target set at the largest rank that fits.
+
+    Args:
+      sites: the model's sites (only ``linear`` ones are targeted).
+      budget_params: the trainable-parameter budget (adapter parameters).
+      target_sets: name -> last path components to target.
+      max_rank: the largest rank tried.
+
+    Returns:
+      One entry per target set whose rank-1 configuration fits; a set that matches no linear site
+      is left out.
+    """
+    out = {}
+    for name, targets in target_sets.items():
+        chosen = [s for s in sites if s.kind == "linear" and s.path.rsplit("/", 1)[-1] in targets]
+        if not chosen:
+            continue
+        per_rank = sum(trainable_params(s, "lora", 1) for s in chosen)
+        rank = min(max_rank, int(math.floor(budget_params / per_rank + 1e-9)))
+        if rank >= 1:
+            out[f"uniform:{name}"] = (tuple(targets), rank, rank * per_rank)
+    return out
+
+
+def run_key(settings: Mapping[str, Any]) -> str:
+    """A stable 16-hex-digit key for a run's settings (JSON-serialisable mapping)."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def best_by_validation(runs: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> str | None:
+    """Among ``variants``, the one with the best mean ``val_accuracy`` over its runs (ties: lower
+    mean ``val_loss``, then name); None when none of them has a run."""
+    scored = []
+    for v in variants:
+        rs = [r for r in runs if r["variant"] == v]
+        if rs:
+            scored.append((-np.mean([r["val_accuracy"] for r in rs]),
+                           np.mean([r["val_loss"] for r in rs]), v))
+    return min(scored)[2] if scored else None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PairedDifference:
+    """``a - b`` over the seeds both have (test accuracy, in points unless scaled by the caller)."""
+
+    mean: float  # mean of the per-seed differences
+    low: float  # 95 % paired-t confidence interval, lower end (NaN with fewer than 2 seeds)
+    high: float  # upper end
+    seeds: tuple[int, ...]  # the shared seeds, sorted
+
+    @property
+    def excludes_zero(self) -> bool:
+        """True when the 95 % interval lies entirely above or below zero."""
+        return bool(self.low > 0 or self.high < 0)
+
+
+def paired_difference(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]],
+                      key: str = "test_accuracy", scale: float = 100.0) -> PairedDifference | None:
+    """Paired difference of ``key`` (times ``scale``) of runs ``a`` minus runs ``b`` by seed.
+
+    Returns None when the two share no seed. The interval is the two-sided 95 % Student-t interval
+    of the mean of the per-seed differences (``n - 1`` degrees of freedom).
+    """
+    by_a = {r["seed"]: scale * r[key] for r in a}
+    by_b = {r["seed"]: scale * r[key] for r in b}
+    seeds = tuple(sorted(set(by_a) & set(by_b)))
+    if not seeds:
+        return None
+    d = np.array([by_a[s] - by_b[s] for s in seeds])
+    mean = float(d.mean())
+    if len(d) < 2:
+        return PairedDifference(mean=mean, low=math.nan, high=math.nan, seeds=seeds)
+    half = float(sps.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return PairedDifference(mean=mean, low=mean - half, high=mean + half, seeds=seeds)
