@@ -121,9 +121,16 @@ def _data_files(path: Path):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_data", "delete_meta", "bad_meta",
-                                    "not_a_checkpoint"])
-def test_damaged_checkpoint_is_clear_error_and_changes_nothing(base, saved, tmp_path, damage):
+@pytest.mark.parametrize("damage,match", [
+    ("truncate", "could not be read: it is truncated or corrupted"),
+    ("flip", "could not be read: it is truncated or corrupted|fails its SHA-256 check"),
+    ("delete_data", "could not be read: it is truncated or corrupted"),
+    ("delete_meta", "has no readable metadata"),
+    ("bad_meta", "metadata lacks 'leaves'"),
+    ("not_a_checkpoint", "has no readable metadata"),
+])
+def test_damaged_checkpoint_is_clear_error_and_changes_nothing(base, saved, tmp_path, damage,
+                                                                match):
     path, _ = saved
     bad = _copy(path, tmp_path / "bad")
     if damage == "truncate":
@@ -150,7 +157,7 @@ def test_damaged_checkpoint_is_clear_error_and_changes_nothing(base, saved, tmp_
         bad.mkdir()
     target = randomise(wrapped(base), 5)
     before = snapshot(target)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=match):
         restore_adapters(bad, target)
     assert_same(snapshot(target), before)
 
@@ -172,3 +179,10 @@ def test_tampered_values_fail_checksum(base, saved, tmp_path):
 def test_save_without_adapters_is_error(base, tmp_path):
     with pytest.raises(ValueError, match="no adapters"):
         save_adapters(tmp_path / "none", base)
+
+
+def test_docstring_examples_run():
+    import doctest
+    from layerlens_jax._src import checkpoint
+    result = doctest.testmod(checkpoint)
+    assert result.failed == 0 and result.attempted > 0

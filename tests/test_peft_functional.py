@@ -159,3 +159,18 @@ def test_prefix_reparam_shapes_and_zero_values():
     k, v = F.prefix_reparam(e, w1, b1, w2, jnp.zeros((16,)), 2, 4)
     assert k.shape == v.shape == (3, 2, 4)
     assert not np.any(np.asarray(v))
+
+
+def test_prefix_reparam_is_the_tanh_mlp_of_li_and_liang():
+    """Against a float64 numpy ``tanh(E W1 + b1) W2 + b2``, split into keys then values. The
+    pre-activations are large (unit-variance inputs, width 8), so another nonlinearity (relu,
+    gelu, identity) misses by far more than the tolerance."""
+    e, w1, b1 = rnd(0, (3, 8)), rnd(1, (8, 5)), rnd(2, (5,))
+    w2, b2 = rnd(3, (5, 16)), rnd(4, (16,))
+    k, v = F.prefix_reparam(e, w1, b1, w2, b2, 2, 4)
+    E, W1, B1, W2, B2 = (np.asarray(x, np.float64) for x in (e, w1, b1, w2, b2))
+    kv = np.tanh(E @ W1 + B1) @ W2 + B2
+    np.testing.assert_allclose(np.asarray(k), kv[:, :8].reshape(3, 2, 4), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(v), kv[:, 8:].reshape(3, 2, 4), rtol=1e-5, atol=1e-5)
+    relu = np.maximum(E @ W1 + B1, 0) @ W2 + B2
+    assert np.abs(relu[:, :8].reshape(3, 2, 4) - np.asarray(k)).max() > 0.1  # the check can fail

@@ -196,3 +196,46 @@ def test_linen_prefix_reparam_joint_parity(twins, batch):
     np.testing.assert_allclose(jax.jit(wrapped.apply)(variables, *batch),
                                nnx.jit(lambda m, a, b: m(a, b))(nnx_wrapped, *batch),
                                rtol=1e-5, atol=1e-6)
+
+
+class _LinenZoo(nn.Module):
+    """The Linen twin of test_peft_nnx's zoo: Embed, DenseGeneral, Einsum, Conv, Dense."""
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(11, 6, name="embed")(ids)
+        g = nn.DenseGeneral((2, 3), name="general")(h)
+        e = nn.Einsum((6, 2, 3), "btd,dnh->btnh", name="einsum")(h)
+        h = h + g.reshape(h.shape) + jnp.tanh(e).reshape(h.shape)
+        h = nn.Conv(5, (3,), strides=2, padding=((2, 1),), name="conv")(h)
+        return nn.Dense(4, name="head")(jax.nn.gelu(h))
+
+
+def test_linen_every_lora_kind_against_numpy_merged_reference():
+    """Each Linen LoRA target (read through the shared table) gives ``kernel + alpha/r a @ b``:
+    the wrapper equals the base model with float64-numpy-merged kernels, and so does merge."""
+    zoo = _LinenZoo()
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 7)), jnp.int32)
+    base_vars = zoo.init(jax.random.key(0), ids)
+    plan = {"embed": ("lora", 3), "general": ("lora", 2), "einsum": ("lora", 1),
+            "conv": ("lora", 2), "head": ("lora", 2)}
+    wrapped = apply_plan(zoo, plan)
+    variables = init_adapters(wrapped, jax.random.key(1), base_vars, ids)
+    assert count_trainable(variables) == 3 * 17 + 2 * 12 + 1 * 12 + 2 * 23 + 2 * 9
+    assert np.array_equal(np.asarray(wrapped.apply(variables, ids)),
+                          np.asarray(zoo.apply(base_vars, ids)))
+    state = random_state(adapter_state(wrapped, variables))
+    variables = load_adapter_state(wrapped, state, variables)
+    ref_params = jax.tree.map(lambda x: x, base_vars["params"])
+    for site, (_, r) in plan.items():
+        name = "embedding" if site == "embed" else "kernel"
+        k = np.asarray(ref_params[site][name], np.float64)
+        a, b = (np.asarray(state[site][f"peft_lora_{n}"], np.float64) for n in "ab")
+        ref_params[site][name] = jnp.asarray(k + 16.0 / r * (a @ b).reshape(k.shape), jnp.float32)
+    ref = np.asarray(zoo.apply({"params": ref_params}, ids))
+    assert not np.allclose(ref, np.asarray(zoo.apply(base_vars, ids)), atol=1e-2)
+    np.testing.assert_allclose(np.asarray(wrapped.apply(variables, ids)), ref, rtol=1e-4,
+                               atol=1e-4)
+    module, merged = merge(wrapped, variables)
+    assert module is zoo
+    np.testing.assert_allclose(np.asarray(zoo.apply(merged, ids)), ref, rtol=1e-4, atol=1e-4)

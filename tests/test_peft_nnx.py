@@ -1,5 +1,6 @@
 """NNX: identity at init, exact trainable counts, surgery semantics, errors, merge, prefix masks."""
 
+import dataclasses
 import math
 
 import jax
@@ -12,6 +13,8 @@ from flax import nnx
 from layerlens_jax.models import BertClassifier, BertConfig, MLP
 from layerlens_jax._src.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
                                 adapter_state, applied_plan, apply_plan, count_trainable, merge)
+from layerlens_jax._src import costs
+from layerlens_jax._src.plan import Plan
 from layerlens_jax._src.sites import discover_sites, get_submodule
 
 from plans import L0, MIXED
@@ -219,7 +222,10 @@ def test_merge_matches_unmerged_and_restores_tree(model, batch):
     assert not any(isinstance(m, LoRA) for _, m in nnx.iter_modules(merged))
     assert any(isinstance(m, Adapter) for _, m in nnx.iter_modules(merged))  # not mergeable
     assert isinstance(get_submodule(merged, f"{L0}/attention/base_module/mha").attention_fn, Prefix)
-    assert isinstance(wrapped.pooler, nnx.Linear) or True
+    # LoRA sites are plain base modules again; sites outside the plan were never wrapped
+    assert type(merged.classifier) is nnx.Linear and type(merged.pooler) is nnx.Linear
+    assert type(get_submodule(merged, "embeddings/word")) is nnx.Embed
+    assert type(get_submodule(merged, f"{L0}/attention/base_module/mha/query")) is nnx.LinearGeneral
     assert isinstance(get_submodule(wrapped, "classifier"), LoRA)  # merge cloned
 
 
@@ -414,7 +420,6 @@ def test_lora_on_scan_stacked_layers():
 @pytest.mark.parametrize("size", [1, 3, 16])
 def test_trainable_count_equals_cost_model(model, batch, size):
     """Every site x compatible method: the modules create exactly costs.trainable_params."""
-    costs = pytest.importorskip("layerlens_jax._src.costs")
     sites = discover_sites(model, example=batch)
     method_of = {"linear": "lora", "embedding": "lora", "block": "adapter", "attention": "prefix"}
     checked = 0
@@ -433,14 +438,154 @@ def test_trainable_count_equals_cost_model(model, batch, size):
 
 
 def test_real_plan_object(model, batch):
-    plan_mod = pytest.importorskip("layerlens_jax._src.plan")
     sites = discover_sites(model, example=batch)
     assignments = {f"{L0}/attention/mha/query": ("lora", 4), f"{L0}/mlp": ("adapter", 8),
                    f"{L0}/attention/mha": ("prefix", 2)}
-    try:
-        plan = plan_mod.Plan.from_assignments(sites, assignments)
-    except TypeError:
-        pytest.skip("Plan.from_assignments signature differs")
+    plan = Plan.from_assignments(sites, assignments, peft_options={"lora_alpha": 4.0})
+    assert plan.assignments() == assignments
     w = apply_plan(model, plan, sites=sites)
     assert applied_plan(w) == assignments
+    assert get_submodule(w, f"{L0}/attention/mha/query").scale == 4.0 / 4  # plan's options used
     assert np.array_equal(np.asarray(model(*batch)), np.asarray(w(*batch)))
+
+
+def test_prefix_module_reparam_against_numpy(model):
+    """The Prefix module's keys / values are Li & Liang's tanh MLP of its own variables (a
+    float64 numpy reference), through apply_plan with prefix_reparam_hidden."""
+    w = perturb(apply_plan(model, {f"{L0}/attention/mha": ("prefix", 3)},
+                           prefix_reparam_hidden=5), scale=1.0)
+    prefix = get_submodule(w, f"{L0}/attention/mha").attention_fn
+    e, w1, b1, w2, b2 = (np.asarray(getattr(prefix, f"peft_prefix_{n}")[...], np.float64)
+                         for n in ("embed", "mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2"))
+    assert e.shape == (3, H) and w2.shape == (5, 2 * NH * HD)
+    kv = np.tanh(e @ w1 + b1) @ w2 + b2
+    k, v = prefix.key_value()
+    np.testing.assert_allclose(np.asarray(k), kv[:, :NH * HD].reshape(3, NH, HD), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(v), kv[:, NH * HD:].reshape(3, NH, HD), rtol=1e-5,
+                               atol=1e-5)
+
+
+# --------------------------------------------------- every LoRA target kind under apply_plan
+
+
+class _Zoo(nnx.Module):
+    """One LoRA target of each kind: Embed, LinearGeneral, Einsum, Conv (explicit pads), Linear."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(11, 6, rngs=rngs)
+        self.general = nnx.LinearGeneral(6, (2, 3), rngs=rngs)
+        self.einsum = nnx.Einsum("btd,dnh->btnh", (6, 2, 3), (2, 3), rngs=rngs)
+        self.conv = nnx.Conv(6, 5, kernel_size=(3,), strides=2, padding=((2, 1),), rngs=rngs)
+        self.head = nnx.Linear(5, 4, rngs=rngs)
+
+    def __call__(self, ids):
+        h = self.embed(ids)
+        h = h + self.general(h).reshape(h.shape) + jnp.tanh(self.einsum(h)).reshape(h.shape)
+        return self.head(jax.nn.gelu(self.conv(h)))
+
+
+#: rank per site; fan_in + fan_out: embed 11 + 6, general / einsum 6 + 6, conv 3*6 + 5, head 5 + 4
+ZOO_PLAN = {"embed": ("lora", 3), "general": ("lora", 2), "einsum": ("lora", 1),
+            "conv": ("lora", 2), "head": ("lora", 2)}
+ZOO_COUNT = 3 * 17 + 2 * 12 + 1 * 12 + 2 * 23 + 2 * 9
+
+
+def numpy_merged(base_model, wrapped, plan, alpha=16.0):
+    """``base_model`` with each planned kernel replaced by ``kernel + alpha / r * a @ b`` in float64
+    numpy (the LoRA definition, independent of LoRA.merged_kernel / merge)."""
+    ref = nnx.clone(base_model)
+    for site, (_, r) in plan.items():
+        lora, base = get_submodule(wrapped, site), get_submodule(ref, site)
+        var = base.embedding if isinstance(base, nnx.Embed) else base.kernel
+        a = np.asarray(lora.peft_lora_a[...], np.float64)
+        b = np.asarray(lora.peft_lora_b[...], np.float64)
+        var[...] = jnp.asarray(np.asarray(var[...], np.float64) + alpha / r * (a @ b).reshape(
+            var.shape), var.dtype)
+    return ref
+
+
+def test_every_lora_kind_unmerged_merged_reference_and_cost_model():
+    zoo = _Zoo(nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 7)), jnp.int32)
+    sites = {s.path: s for s in discover_sites(zoo, example=(ids,))}
+    for site, (method, r) in ZOO_PLAN.items():  # per site: modules create the cost model's count
+        w = nnx.eval_shape(lambda: apply_plan(zoo, {site: (method, r)}))
+        assert count_trainable(w) == costs.trainable_params(sites[site], method, r), site
+    wrapped = apply_plan(zoo, ZOO_PLAN)
+    assert {type(get_submodule(wrapped, s).base_module) for s in ZOO_PLAN} == {
+        nnx.Embed, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Linear}
+    assert count_trainable(wrapped) == ZOO_COUNT == sum(
+        costs.trainable_params(sites[s], m, r) for s, (m, r) in ZOO_PLAN.items())
+    assert np.array_equal(np.asarray(wrapped(ids)), np.asarray(zoo(ids)))  # identity at init
+    perturb(wrapped)
+    ref = fwd(numpy_merged(zoo, wrapped, ZOO_PLAN), ids)
+    assert not np.allclose(ref, fwd(zoo, ids), atol=1e-2)  # the adapters do something
+    np.testing.assert_allclose(fwd(wrapped, ids), ref, rtol=1e-4, atol=1e-4)  # unmerged
+    merged = merge(wrapped)
+    assert nnx.graphdef(merged) == nnx.graphdef(zoo)
+    np.testing.assert_allclose(fwd(merged, ids), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_target_info_is_a_typed_record_from_the_one_table():
+    from layerlens_jax._src.peft import LORA_KINDS, LoRATarget
+    from layerlens_jax._src.peft.nnx_modules import lora_target_info
+    zoo = _Zoo(nnx.Rngs(0))
+    got = {s: lora_target_info(get_submodule(zoo, s), s) for s in ZOO_PLAN}
+    assert all(isinstance(t, LoRATarget) for t in got.values())
+    assert {s: (t.kind, t.fan_in, t.fan_out, t.kernel_name, t.kernel_shape, t.stack)
+            for s, t in got.items()} == {
+        "embed": ("embed", 11, 6, "embedding", (11, 6), ()),
+        "general": ("general", 6, 6, "kernel", (6, 2, 3), ()),
+        "einsum": ("einsum", 6, 6, "kernel", (6, 2, 3), ()),
+        "conv": ("conv", 18, 5, "kernel", (3, 6, 5), ()),
+        "head": ("linear", 5, 4, "kernel", (5, 4), ())}
+    assert dict(got["conv"].delta_args)["padding"] == ((2, 1),)
+    assert set(LORA_KINDS) == {t.kind for t in got.values()}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        got["head"].fan_in = 1
+    with pytest.raises(ValueError, match="'norm'.*LayerNorm"):
+        lora_target_info(nnx.LayerNorm(4, rngs=nnx.Rngs(0)), "norm")
+    with pytest.raises(ValueError, match="'c'.*grouped"):
+        lora_target_info(nnx.Conv(4, 4, 3, feature_group_count=2, rngs=nnx.Rngs(0)), "c")
+    with pytest.raises(ValueError, match="'c'.*CIRCULAR"):
+        lora_target_info(nnx.Conv(4, 4, 3, padding="CIRCULAR", rngs=nnx.Rngs(0)), "c")
+
+
+@pytest.mark.parametrize("padding,rank", [
+    ("SAME", 2), ("VALID", 1), (1, 2), (0, 3), ([(0, 1), 2], 2), (((1, 2), (3, 4)), 2), ([3], 1),
+])
+def test_conv_padding_equals_flax_canonicalize_padding(padding, rank):
+    """Pins our helper to flax's (internal) ``canonicalize_padding`` that it replaces."""
+    from flax.nnx.nn.linear import canonicalize_padding
+    from layerlens_jax._src.peft.targets import conv_padding
+    theirs = canonicalize_padding(padding, rank)
+    ours = conv_padding(padding, rank)
+    assert ours == (theirs if isinstance(theirs, str) else tuple(tuple(p) for p in theirs))
+
+
+@pytest.mark.parametrize("padding,rank", [((1, 2, 3), 2), ([(1, 2, 3)], 1), (1.5, 1)])
+def test_conv_padding_rejects_what_flax_rejects(padding, rank):
+    from flax.nnx.nn.linear import canonicalize_padding
+    from layerlens_jax._src.peft.targets import conv_padding
+    with pytest.raises(ValueError):
+        canonicalize_padding(padding, rank)
+    with pytest.raises(ValueError, match="padding"):
+        conv_padding(padding, rank)
+
+
+def test_normalize_plan_is_a_deprecated_alias():
+    from layerlens_jax._src.peft import normalise_plan, normalize_plan
+    plan = {"pooler": ("lora", 2), "classifier": ("none", 0)}
+    with pytest.warns(DeprecationWarning, match="normalise_plan"):
+        old = normalize_plan(plan, lora_alpha=4.0)
+    assert old == normalise_plan(plan, lora_alpha=4.0)
+    assert old[0] == {"pooler": ("lora", 2)} and old[1].lora_alpha == 4.0
+
+
+def test_docstring_examples_run():
+    import doctest
+    from layerlens_jax._src.peft import apply, targets, tree
+    for module in (apply, targets, tree):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

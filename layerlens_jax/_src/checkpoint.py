@@ -27,9 +27,9 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from layerlens_jax._src.peft.apply import (_flatten, _unflatten, adapter_state, applied_plan,
-                                      load_adapter_state)
+from layerlens_jax._src.peft.apply import adapter_state, applied_plan, load_adapter_state
 from layerlens_jax._src.peft.nnx_modules import Adapter, LoRA, Prefix
+from layerlens_jax._src.peft.tree import flatten_tree, unflatten_tree
 
 __all__ = ["CheckpointError", "save_adapters", "restore_adapters", "read_checkpoint_metadata",
            "FORMAT", "FORMAT_VERSION"]
@@ -100,7 +100,34 @@ def save_adapters(directory: str | os.PathLike, model: Any, variables: Mapping |
                   metadata: Mapping[str, Any] | None = None) -> Path:
     """Save the adapter state of ``model`` (NNX) or ``(model, variables)`` (Linen ``PeftLinen``).
 
-    ``plan``: optionally the Plan object (its JSON is stored alongside). Returns the path.
+    Only the adapter leaves (``peft_*``) are saved, with the plan, the PEFT options that change the
+    maths and a SHA-256 per leaf (see the module docstring); the base weights are not.
+
+    Args:
+      directory: the checkpoint directory to create (written atomically by orbax).
+      model: a wrapped NNX model, or a :class:`~layerlens_jax._src.peft.linen.PeftLinen`.
+      variables: Linen only: the wrapper's variables.
+      plan: optionally the Plan object (its JSON is stored alongside).
+      overwrite: replace an existing checkpoint at ``directory``.
+      metadata: JSON-serialisable user metadata, returned by :func:`read_checkpoint_metadata`.
+
+    Returns:
+      The absolute path of the checkpoint.
+
+    Raises:
+      FileExistsError: ``directory`` exists and ``overwrite`` is False.
+      ValueError: the model carries no adapters.
+      CheckpointError: sites of the model disagree on an option (one value per option is stored).
+      TypeError: ``plan`` cannot be serialised.
+
+    >>> import pathlib, tempfile
+    >>> from flax import nnx
+    >>> from layerlens_jax.models import MLP
+    >>> from layerlens_jax._src.peft import apply_plan
+    >>> model = apply_plan(MLP((4, 8, 2), rngs=nnx.Rngs(0)), {"layers_0": ("lora", 2)})
+    >>> path = save_adapters(pathlib.Path(tempfile.mkdtemp()) / "ckpt", model)
+    >>> read_checkpoint_metadata(path)["assignments"]
+    {'layers_0': ['lora', 2]}
     """
     path = Path(directory).absolute()
     if path.exists() and not overwrite:
@@ -121,7 +148,7 @@ def save_adapters(directory: str | os.PathLike, model: Any, variables: Mapping |
         "plan": _plan_json(plan),
         "metadata": dict(metadata or {}),
     }
-    tree = _unflatten({tuple(site.split("/")) + (leaf,): a
+    tree = unflatten_tree({tuple(site.split("/")) + (leaf,): a
                        for site, leaves in host.items() for leaf, a in leaves.items()})
     ocp = _ocp()
     ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
@@ -168,9 +195,34 @@ def _plan_diff(model_plan: Mapping[str, tuple[str, int]], ckpt_plan: Mapping[str
 def restore_adapters(directory: str | os.PathLike, model: Any, variables: Mapping | None = None):
     """Restore adapter state saved by :func:`save_adapters` into ``model``.
 
-    NNX: writes into ``model`` in place and returns it. Linen: returns new variables.
-    The model must carry the same plan (sites, methods, sizes) and options; otherwise, and for a
-    truncated or corrupted checkpoint, :class:`CheckpointError` is raised and nothing is changed.
+    Everything is validated (format, plan, options, shapes, dtypes, readable arrays, checksums)
+    before a single value is written, so on any error the model is unchanged. A checkpoint saved
+    from an NNX model restores into its Linen twin and the other way round.
+
+    Args:
+      directory: a checkpoint written by :func:`save_adapters`.
+      model: a wrapped NNX model, or a :class:`~layerlens_jax._src.peft.linen.PeftLinen`, carrying
+        the same plan (sites, methods, sizes) and PEFT options as the saved one.
+      variables: Linen only: the wrapper's variables (adapters initialised).
+
+    Returns:
+      NNX: ``model`` itself, updated in place. Linen: new variables with the restored adapters.
+
+    Raises:
+      CheckpointError: (a ``ValueError``) no checkpoint, a different plan or options, a leaf of
+        another shape or dtype, or a truncated / corrupted checkpoint; the message names the culprit.
+
+    >>> import pathlib, tempfile
+    >>> from flax import nnx
+    >>> from layerlens_jax.models import MLP
+    >>> from layerlens_jax._src.peft import apply_plan
+    >>> plan = {"layers_0": ("lora", 2)}
+    >>> model = apply_plan(MLP((4, 8, 2), rngs=nnx.Rngs(0)), plan)
+    >>> path = save_adapters(pathlib.Path(tempfile.mkdtemp()) / "ckpt", model)
+    >>> other = apply_plan(MLP((4, 8, 2), rngs=nnx.Rngs(0)), plan, seed=1)  # other adapter init
+    >>> restored = restore_adapters(path, other)
+    >>> bool((restored.layers_0.peft_lora_a[...] == model.layers_0.peft_lora_a[...]).all())
+    True
     """
     path = Path(directory).absolute()
     meta = read_checkpoint_metadata(path)
@@ -201,7 +253,7 @@ def restore_adapters(directory: str | os.PathLike, model: Any, variables: Mappin
                 raise CheckpointError(f"checkpoint {path} leaf {site}/{leaf} is "
                                       f"{r.get('dtype')}{tuple(r.get('shape', ()))}; the model "
                                       f"expects {np.dtype(sds.dtype).name}{sds.shape}")
-    abstract = _unflatten({tuple(site.split("/")) + (leaf,): sds
+    abstract = unflatten_tree({tuple(site.split("/")) + (leaf,): sds
                            for site, leaves in expected.items() for leaf, sds in leaves.items()})
     ocp = _ocp()
     try:
@@ -210,7 +262,7 @@ def restore_adapters(directory: str | os.PathLike, model: Any, variables: Mappin
     except Exception as e:  # orbax / tensorstore raise many types for damaged files
         raise CheckpointError(f"checkpoint {path} could not be read: it is truncated or corrupted "
                               f"({type(e).__name__}: {str(e)[:300]})") from e
-    flat = _flatten(restored)
+    flat = flatten_tree(restored)
     state: dict[str, dict[str, np.ndarray]] = {}
     for site, leaves in expected.items():
         for leaf in leaves:

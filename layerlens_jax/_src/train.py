@@ -29,8 +29,9 @@ import optax
 from flax import linen as nn
 from flax import nnx
 
-from layerlens_jax._src.peft.apply import combine_params, optax_labels, partition_params
+from layerlens_jax._src.peft.apply import optax_labels
 from layerlens_jax._src.peft.nnx_modules import PEFT_FILTER
+from layerlens_jax._src.peft.tree import combine_params, partition_params
 
 __all__ = [
     "make_optimizer",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import zlib
 from typing import Any, Iterable, Mapping
 
@@ -35,9 +36,11 @@ from flax import linen as nn
 from flax import nnx
 
 from layerlens_jax._src.methods import ADAPTER_METHODS, METHOD_KINDS, METHODS, PeftOptions
-from layerlens_jax._src.peft.nnx_modules import (PEFT_FILTER, PEFT_PREFIX, Adapter, LoRA,
-                                            PeftParam, Prefix, lora_target_info,
-                                            prefix_target_info)
+from layerlens_jax._src.peft.linen import PeftLinen, merge_linen
+from layerlens_jax._src.peft.nnx_modules import (PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
+                                                 lora_target_info, prefix_target_info)
+from layerlens_jax._src.peft.tree import (PEFT_PREFIX, combine_params, flatten_tree,
+                                          partition_params, unflatten_tree)
 from layerlens_jax._src.sites import Site, discover_sites, get_submodule, join_path, set_submodule, \
     site_kind_of
 
@@ -46,6 +49,7 @@ __all__ = [
     "METHOD_KINDS",
     "PeftOptions",
     "normalize_plan",
+    "normalise_plan",
     "apply_plan",
     "applied_plan",
     "merge",
@@ -62,7 +66,7 @@ __all__ = [
 _OPTION_NAMES = {f.name for f in dataclasses.fields(PeftOptions)}
 
 
-def normalize_plan(plan: Any, **options) -> tuple[dict[str, tuple[str, int]], PeftOptions]:
+def normalise_plan(plan: Any, **options) -> tuple[dict[str, tuple[str, int]], PeftOptions]:
     """``(assignments, options)`` from a Plan (``.assignments()`` + ``.peft_options``) or a mapping
     ``{site: (method, size)}`` (or ``{site: {"method": ..., "size": ...}}``). Keyword options
     override the plan's ``peft_options``. Sites with method ``"none"`` are dropped."""
@@ -103,6 +107,13 @@ def normalize_plan(plan: Any, **options) -> tuple[dict[str, tuple[str, int]], Pe
     return out, PeftOptions(**opts)
 
 
+def normalize_plan(plan: Any, **options) -> tuple[dict[str, tuple[str, int]], PeftOptions]:
+    """Deprecated spelling of :func:`normalise_plan` (kept for one release)."""
+    warnings.warn("normalize_plan is deprecated; use normalise_plan", DeprecationWarning,
+                  stacklevel=2)
+    return normalise_plan(plan, **options)
+
+
 @jax.jit
 def _site_keys(seed, salt):
     return jax.random.split(jax.random.fold_in(jax.random.key(seed), salt))
@@ -124,37 +135,10 @@ def _block_width(site: str, sites: Mapping[str, Site]) -> int:
     return int(width)
 
 
-def apply_plan(model: Any, plan: Any, *, inplace: bool = False, example: Any = None,
-               sites: Iterable[Site] | None = None, **options) -> Any:
-    """Wrap the plan's sites of ``model`` with LoRA / Adapter / Prefix.
-
-    Args:
-      model: an ``nnx.Module`` or a Linen ``nn.Module``.
-      plan: a Plan (``.assignments()``, ``.peft_options``) or ``{site: (method, size)}``.
-      inplace: NNX only: edit ``model`` itself instead of an ``nnx.clone``.
-      example / sites: NNX only, needed when the plan has adapters (to know block widths):
-        example inputs of the model's ``__call__`` or already-discovered sites.
-      **options: :class:`PeftOptions` fields, overriding the plan's ``peft_options``.
-
-    Returns the wrapped NNX model, or a :class:`~layerlens_jax._src.peft.linen.PeftLinen` (initialise
-    its adapters with :func:`~layerlens_jax._src.peft.linen.init_adapters`).
-
-    Raises ``ValueError`` naming the site for a site the model lacks or a method its kind cannot
-    take, before touching the model.
-    """
-    assignments, opts = normalize_plan(plan, **options)
-    if isinstance(model, nn.Module):
-        from layerlens_jax._src.peft.linen import PeftLinen
-        if inplace:
-            raise ValueError("inplace=True has no meaning for a Linen module (they are immutable)")
-        return PeftLinen.create(model, assignments, opts)
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"apply_plan expects a flax nnx.Module or linen Module, "
-                        f"got {type(model).__name__}")
-    if isinstance(opts.seed, bool) or not isinstance(opts.seed, int):
-        raise ValueError(f"seed must be an int, got {opts.seed!r}")
-    # ---- validate everything before any edit
-    modules = {}
+def _check_nnx_plan(model: nnx.Module, assignments: Mapping[str, tuple[str, int]],
+                    example: Any, sites: Iterable[Site] | None) -> dict[str, Site]:
+    """Validate every site of the plan against ``model`` (ValueError naming the site) and return
+    the discovered block sites adapters need for their widths (empty without adapters)."""
     for site, (method, size) in assignments.items():
         try:
             module = get_submodule(model, site) if site else None
@@ -176,7 +160,6 @@ def apply_plan(model: Any, plan: Any, *, inplace: bool = False, example: Any = N
             lora_target_info(module, site)
         elif method == "prefix":
             prefix_target_info(module, site)
-        modules[site] = module
     site_info: dict[str, Site] = {}
     if any(m == "adapter" for m, _ in assignments.values()):
         found = list(sites) if sites is not None else discover_sites(
@@ -185,7 +168,54 @@ def apply_plan(model: Any, plan: Any, *, inplace: bool = False, example: Any = N
         for site, (method, _) in assignments.items():
             if method == "adapter":
                 _block_width(site, site_info)
-    # ---- edit
+    return site_info
+
+
+def apply_plan(model: Any, plan: Any, *, inplace: bool = False, example: Any = None,
+               sites: Iterable[Site] | None = None, **options) -> Any:
+    """Wrap the plan's sites of ``model`` with LoRA / Adapter / Prefix.
+
+    Args:
+      model: an ``nnx.Module`` or a Linen ``nn.Module``.
+      plan: a Plan (``.assignments()``, ``.peft_options``) or ``{site: (method, size)}``; sites with
+        method ``"none"`` are skipped.
+      inplace: NNX only: edit ``model`` itself instead of an ``nnx.clone``.
+      example: NNX only, needed when the plan has adapters (to know block widths): example inputs
+        of the model's ``__call__``.
+      sites: NNX only, an alternative to ``example``: already-discovered sites (with widths).
+      **options: :class:`PeftOptions` fields, overriding the plan's ``peft_options``.
+
+    Returns:
+      The wrapped NNX model (adapters initialised, the identity at init), or a
+      :class:`~layerlens_jax._src.peft.linen.PeftLinen` (initialise its adapters with
+      :func:`~layerlens_jax._src.peft.linen.init_adapters`).
+
+    Raises:
+      ValueError: naming the site, for a site the model lacks, a method its kind cannot take, a bad
+        size, an adapter whose width is unknown, or a site already adapted; raised before any
+        edit, so the model is untouched. Also for ``inplace=True`` with a Linen model.
+      TypeError: for a model or plan of the wrong type, or an unknown option.
+
+    >>> from flax import nnx
+    >>> from layerlens_jax.models import MLP
+    >>> model = MLP((4, 8, 2), rngs=nnx.Rngs(0))
+    >>> wrapped = apply_plan(model, {"layers_0": ("lora", 2)})
+    >>> type(wrapped.layers_0).__name__, count_trainable(wrapped)  # 2 * (4 + 8)
+    ('LoRA', 24)
+    >>> type(model.layers_0).__name__  # the model itself is unchanged (a clone was wrapped)
+    'Linear'
+    """
+    assignments, opts = normalise_plan(plan, **options)
+    if isinstance(model, nn.Module):
+        if inplace:
+            raise ValueError("inplace=True has no meaning for a Linen module (they are immutable)")
+        return PeftLinen.create(model, assignments, opts)
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"apply_plan expects a flax nnx.Module or linen Module, "
+                        f"got {type(model).__name__}")
+    if isinstance(opts.seed, bool) or not isinstance(opts.seed, int):
+        raise ValueError(f"seed must be an int, got {opts.seed!r}")
+    site_info = _check_nnx_plan(model, assignments, example, sites)  # before any edit
     target = model if inplace else nnx.clone(model)
     for site in sorted(assignments, key=lambda p: (-p.count("/"), p)):
         method, size = assignments[site]
@@ -229,18 +259,40 @@ def applied_plan(model: Any) -> dict[str, tuple[str, int]]:
 
 
 def merge(model: Any, variables: Mapping | None = None, *, inplace: bool = False):
-    """Fold every LoRA into its base kernel.
-
-    NNX: returns the model (a clone unless ``inplace``) with each ``LoRA`` replaced by its base
-    module carrying ``kernel + scale * A @ B`` (computed in float32, stored in the kernel's dtype).
-    Linen: ``merge(peft_linen, variables) -> (module, variables)`` where ``module`` is the bare model
-    when only LoRA was applied, else a wrapper with the remaining methods.
+    """Fold every LoRA into its base kernel: ``kernel + scale * A @ B``.
 
     Adapters and prefixes are *not mergeable* (an adapter's nonlinearity and a prefix's extra
     softmax keys are not linear maps of the base weights): they stay as they are.
+
+    Args:
+      model: a wrapped NNX model (from :func:`apply_plan`), or a
+        :class:`~layerlens_jax._src.peft.linen.PeftLinen`.
+      variables: Linen only: the wrapper's variables (with the ``peft_*`` leaves).
+      inplace: NNX only: edit ``model`` itself instead of an ``nnx.clone``.
+
+    Returns:
+      NNX: the model with each ``LoRA`` replaced by its base module carrying the merged kernel
+      (computed in float32, stored in the kernel's dtype). Linen: ``(module, variables)`` where
+      ``module`` is the bare model when only LoRA was applied, else a wrapper with the remaining
+      methods.
+
+    Raises:
+      ValueError: a Linen wrapper without ``variables``, or variables lacking a site's LoRA factors.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from layerlens_jax.models import MLP
+    >>> model = MLP((4, 8, 2), rngs=nnx.Rngs(0))
+    >>> wrapped = apply_plan(model, {"layers_0": ("lora", 2), "layers_1": ("lora", 1)})
+    >>> wrapped.layers_0.peft_lora_b[...] = jnp.ones((2, 8))  # a non-zero update
+    >>> merged = merge(wrapped)
+    >>> type(merged.layers_0).__name__, count_trainable(merged)
+    ('Linear', 0)
+    >>> x = jnp.ones((3, 4))
+    >>> bool(jnp.allclose(merged(x), wrapped(x), atol=1e-5))
+    True
     """
     if isinstance(model, nn.Module):
-        from layerlens_jax._src.peft.linen import merge_linen
         if variables is None:
             raise ValueError("merge of a Linen wrapper needs its variables: merge(module, variables)")
         return merge_linen(model, variables)
@@ -248,7 +300,7 @@ def merge(model: Any, variables: Mapping | None = None, *, inplace: bool = False
     loras = [(join_path(p), m) for p, m in nnx.iter_modules(target) if isinstance(m, LoRA)]
     for path, lora in sorted(loras, key=lambda pm: -pm[0].count("/")):
         base = lora.base_module
-        var = getattr(base, "embedding" if lora.kind == "embed" else "kernel")
+        var = getattr(base, lora.target.kernel_name)
         var[...] = lora.merged_kernel()
         set_submodule(target, path, base)
     return target
@@ -280,45 +332,6 @@ def optax_labels(params: Any, trainable: str = "trainable", frozen: str = "froze
     return jax.tree.map(lambda m: trainable if m else frozen, trainable_mask(params))
 
 
-def partition_params(params: Mapping) -> tuple[dict, dict]:
-    """Split a Linen params dict into ``(adapter, base)`` nested dicts (disjoint, same nesting)."""
-    flat = _flatten(params)
-    ad = {k: v for k, v in flat.items() if k[-1].startswith(PEFT_PREFIX)}
-    base = {k: v for k, v in flat.items() if not k[-1].startswith(PEFT_PREFIX)}
-    return _unflatten(ad), _unflatten(base)
-
-
-def combine_params(*trees: Mapping) -> dict:
-    """Inverse of :func:`partition_params`; raises on overlapping leaves."""
-    flat: dict = {}
-    for t in trees:
-        for k, v in _flatten(t).items():
-            if k in flat:
-                raise ValueError(f"parameter {'/'.join(k)!r} appears in more than one partition")
-            flat[k] = v
-    return _unflatten(flat)
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (str(k),)))
-        else:
-            out[prefix + (str(k),)] = v
-    return out
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-    out: dict = {}
-    for k, v in flat.items():
-        d = out
-        for part in k[:-1]:
-            d = d.setdefault(part, {})
-        d[k[-1]] = v
-    return out
-
-
 def count_trainable(model_or_params: Any) -> int:
     """Number of adapter parameters of an NNX model, an ``nnx.State`` or a Linen params dict."""
     if isinstance(model_or_params, nnx.Module):
@@ -328,7 +341,7 @@ def count_trainable(model_or_params: Any) -> int:
             model_or_params = model_or_params.to_pure_dict()
         if isinstance(model_or_params, Mapping) and "params" in model_or_params:
             model_or_params = model_or_params["params"]
-        leaves = [v for k, v in _flatten(model_or_params).items() if k[-1].startswith(PEFT_PREFIX)]
+        leaves = [v for k, v in flatten_tree(model_or_params).items() if k[-1].startswith(PEFT_PREFIX)]
     return int(sum(math.prod(np.shape(x)) for x in leaves))
 
 
@@ -345,7 +358,7 @@ def adapter_state(model: Any, variables: Mapping | None = None) -> dict[str, dic
             raise ValueError("adapter_state of a Linen model needs its variables")
         params = variables.get("params", variables)
         out: dict[str, dict[str, Any]] = {}
-        for k, v in _flatten(params).items():
+        for k, v in flatten_tree(params).items():
             if k[-1].startswith(PEFT_PREFIX):
                 out.setdefault("/".join(k[:-1]), {})[k[-1]] = v
         return out
@@ -401,11 +414,11 @@ def load_adapter_state(model: Any, state: Mapping[str, Mapping[str, Any]],
             raise ValueError("load_adapter_state of a Linen model needs its variables")
         check_adapter_state(adapter_state(model, variables), state)
         params = variables["params"]
-        flat = _flatten(params)
+        flat = flatten_tree(params)
         for site, leaves in state.items():
             for leaf, v in leaves.items():
                 flat[tuple(site.split("/")) + (leaf,)] = jnp.asarray(v)
-        return {**variables, "params": _unflatten(flat)}
+        return {**variables, "params": unflatten_tree(flat)}
     current = _adapter_vars(model)
     check_adapter_state({s: {k: v[...] for k, v in d.items()} for s, d in current.items()}, state)
     for site, leaves in current.items():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from typing import Mapping
 
 import jax
@@ -26,8 +25,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from layerlens_jax._src.peft import functional
-from layerlens_jax._src.peft.apply import (METHOD_KINDS, PeftOptions, _flatten, _unflatten,
-                                      partition_params)
+from layerlens_jax._src.methods import METHOD_KINDS, PeftOptions
+from layerlens_jax._src.peft.targets import LoRATarget, linen_lora_target
+from layerlens_jax._src.peft.tree import flatten_tree, partition_params, unflatten_tree
 from layerlens_jax._src.sites import site_kind_of
 
 __all__ = ["PeftLinen", "init_adapters", "merge_linen"]
@@ -47,14 +47,6 @@ def _param(module: nn.Module, name: str, init, shape, dtype):
         return module.param(name, init, shape, dtype)
     finally:
         state.in_compact_method = prev
-
-
-def _tuple(v, n):
-    if v is None:
-        return (1,) * n
-    if isinstance(v, int):
-        return (v,) * n
-    return tuple(v)
 
 
 class PeftLinen(nn.Module):
@@ -112,7 +104,8 @@ class PeftLinen(nn.Module):
         if method == "lora" and ctx.method_name == "attend" and isinstance(module, nn.Embed):
             seen.add(path)
             y = next_fun(*args, **kwargs)
-            a, b, scale = self._lora_params(module, path, size, module.embedding.shape)
+            target = linen_lora_target(module, f"site {path!r}")
+            a, b, scale = self._lora_params(module, target, size)
             return y + functional.lora_attend_delta(args[0], a, b, scale).astype(y.dtype)
         if ctx.method_name != "__call__":
             return next_fun(*args, **kwargs)
@@ -134,11 +127,10 @@ class PeftLinen(nn.Module):
         return self._prefix(module, path, size, next_fun, args, kwargs)
 
     @nn.nowrap
-    def _lora_params(self, module, path, size, kernel_shape):
+    def _lora_params(self, module, target: LoRATarget, size):
         opts = self.options
-        kinfo = _lora_fans(module, path, kernel_shape)
-        a = _param(module, "peft_lora_a", _he_uniform, (kinfo[0], size), opts.param_dtype)
-        b = _param(module, "peft_lora_b", _zeros, (size, kinfo[1]), opts.param_dtype)
+        a = _param(module, "peft_lora_a", _he_uniform, (target.fan_in, size), opts.param_dtype)
+        b = _param(module, "peft_lora_b", _zeros, (size, target.fan_out), opts.param_dtype)
         return a, b, functional.lora_scale(opts.lora_alpha, size, opts.use_rslora)
 
     @nn.nowrap
@@ -153,35 +145,10 @@ class PeftLinen(nn.Module):
     def _lora(self, module, path, size, next_fun, args, kwargs):
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs.get("inputs")
-        name = "embedding" if isinstance(module, nn.Embed) else "kernel"
-        kernel_shape = module.get_variable("params", name).shape
-        a, b, scale = self._lora_params(module, path, size, kernel_shape)
-        if isinstance(module, nn.Embed):
-            delta = functional.lora_embed_delta(x, a, b, scale)
-        elif isinstance(module, nn.Dense):
-            delta = functional.lora_delta(self._dropout(module, x), a, b, scale)
-        elif isinstance(module, nn.DenseGeneral):
-            axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-            feats = module.features if isinstance(module.features, tuple) else (module.features,)
-            delta = functional.lora_general_delta(self._dropout(module, x), a, b, scale, axis=axis,
-                                         out_shape=feats)
-        elif isinstance(module, nn.Einsum):
-            einsum_str = kwargs.get("einsum_str") or module.einsum_str
-            delta = functional.lora_einsum_delta(self._dropout(module, x), a, b, scale,
-                                        einsum_str=einsum_str, kernel_shape=kernel_shape)
-        else:  # nn.Conv (validated in _lora_fans)
-            ks = module.kernel_size if isinstance(module.kernel_size, tuple) else tuple(
-                module.kernel_size) if not isinstance(module.kernel_size, int) else (
-                module.kernel_size,)
-            n = len(ks)
-            padding = module.padding
-            if not isinstance(padding, str):
-                from flax.linen.linear import canonicalize_padding
-                padding = canonicalize_padding(padding, n)
-            delta = functional.lora_conv_delta(self._dropout(module, x), a, b, scale, kernel_size=ks,
-                                      strides=_tuple(module.strides, n), padding=padding,
-                                      input_dilation=_tuple(module.input_dilation, n),
-                                      kernel_dilation=_tuple(module.kernel_dilation, n))
+        target = linen_lora_target(module, f"site {path!r}")
+        a, b, scale = self._lora_params(module, target, size)
+        delta = target.delta(x, a, b, scale, dropout=functools.partial(self._dropout, module),
+                             call_kwargs=kwargs)
         return y + delta.astype(y.dtype)
 
     @nn.nowrap
@@ -243,33 +210,6 @@ class PeftLinen(nn.Module):
         return functional.prefix_reparam(e, w1, b1, w2, b2, heads, head_dim)
 
 
-def _lora_fans(module, path, kernel_shape) -> tuple[int, int]:
-    """(fan_in, fan_out) of a Linen LoRA target; ValueError naming the site otherwise."""
-    if isinstance(module, (nn.Dense, nn.Embed)):
-        return kernel_shape[-2], kernel_shape[-1]
-    if isinstance(module, nn.DenseGeneral):
-        if module.batch_dims:
-            raise ValueError(f"LoRA on site {path!r}: DenseGeneral with batch_dims is not supported")
-        feats = module.features if isinstance(module.features, tuple) else (module.features,)
-        n_out = len(feats)
-        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-        in_shape = kernel_shape[len(kernel_shape) - n_out - len(axis): len(kernel_shape) - n_out]
-        return math.prod(in_shape), math.prod(feats)
-    if isinstance(module, nn.Einsum):
-        return module.shape[0], math.prod(module.shape[1:])
-    if isinstance(module, nn.Conv) and not isinstance(module, nn.ConvTranspose):
-        if module.feature_group_count != 1 or module.mask is not None:
-            raise ValueError(f"LoRA on site {path!r}: grouped or masked convolutions are not "
-                             f"supported")
-        if isinstance(module.padding, str) and module.padding not in ("SAME", "VALID"):
-            raise ValueError(f"LoRA on site {path!r}: conv padding {module.padding!r} is not "
-                             f"supported")
-        ks = module.kernel_size if not isinstance(module.kernel_size, int) else (module.kernel_size,)
-        n = len(tuple(ks))
-        return math.prod(kernel_shape[-(n + 2):-1]), kernel_shape[-1]
-    raise ValueError(f"LoRA cannot wrap site {path!r} of type {type(module).__name__}")
-
-
 def init_adapters(wrapped: PeftLinen, rng: jax.Array, variables: Mapping, *args, **kwargs) -> dict:
     """Variables for ``wrapped``: the given base ``variables`` plus freshly initialised adapters.
 
@@ -289,19 +229,19 @@ def init_adapters(wrapped: PeftLinen, rng: jax.Array, variables: Mapping, *args,
             raise ValueError(f"base variables do not match the model: {e}") from e
         raise
     adapters, base = partition_params(fresh["params"])
-    given = _flatten(variables["params"])
-    made = _flatten(base)
+    given = flatten_tree(variables["params"])
+    made = flatten_tree(base)
     if set(given) != set(made):
         extra = sorted("/".join(k) for k in set(given) ^ set(made))[:5]
         raise ValueError(f"base variables do not match the model: differing parameters {extra}")
-    params = _unflatten({**given, **_flatten(adapters)})
+    params = unflatten_tree({**given, **flatten_tree(adapters)})
     return {**variables, "params": params}
 
 
 def merge_linen(wrapped: PeftLinen, variables: Mapping) -> tuple[nn.Module, dict]:
     """Fold LoRA into the base kernels of a Linen model: ``(module, variables)``; the module is the
     bare model when nothing else remains, else a ``PeftLinen`` with the adapters / prefixes left."""
-    flat = _flatten(variables["params"])
+    flat = flatten_tree(variables["params"])
     remaining = []
     for site, method, size in wrapped.assignments:
         if method != "lora":
@@ -320,7 +260,7 @@ def merge_linen(wrapped: PeftLinen, variables: Mapping) -> tuple[nn.Module, dict
                            precision=jax.lax.Precision.HIGHEST) * scale
         flat[key + (name,)] = (kernel.astype(jnp.float32) + delta.reshape(kernel.shape)).astype(
             kernel.dtype)
-    out = {**variables, "params": _unflatten(flat)}
+    out = {**variables, "params": unflatten_tree(flat)}
     if not remaining:
         return wrapped.model, out
     return wrapped.clone(assignments=tuple(remaining)), out

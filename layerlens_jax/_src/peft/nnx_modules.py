@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layerlens_jax._src.peft import functional
+from layerlens_jax._src.peft.targets import LoRATarget, nnx_lora_target
+from layerlens_jax._src.peft.tree import PEFT_PREFIX
 
 __all__ = [
     "PEFT_PREFIX",
@@ -37,9 +39,6 @@ __all__ = [
     "lora_target_info",
     "prefix_target_info",
 ]
-
-PEFT_PREFIX = "peft_"
-
 
 class PeftParam(nnx.LoRAParam):
     """Base type of every layerlens adapter variable (a subclass of ``nnx.LoRAParam``)."""
@@ -85,9 +84,10 @@ def _site_name(site):
     return f"site {site!r}" if site else "this module"
 
 
-def lora_target_info(module: Any, site: str | None = None) -> dict[str, Any]:
-    """How LoRA wraps ``module``: ``{"kind", "fan_in", "fan_out", "kernel_name", "kernel_shape",
-    "stack"}``.
+def lora_target_info(module: Any, site: str | None = None) -> LoRATarget:
+    """How LoRA wraps ``module``: its :class:`~layerlens_jax._src.peft.targets.LoRATarget` (kind,
+    fan-in / fan-out, kernel name and shape, stack, static delta arguments), read through the one
+    table :data:`~layerlens_jax._src.peft.targets.LORA_KINDS`.
 
     ``fan_in`` / ``fan_out`` come from the module's declared features, so a module built under
     ``nnx.vmap`` (layers stacked for ``nnx.scan``) whose kernel has extra leading axes is recognised:
@@ -95,43 +95,7 @@ def lora_target_info(module: Any, site: str | None = None) -> dict[str, Any]:
     get the same leading axes. Raises ``ValueError`` naming the site when the module cannot carry
     LoRA.
     """
-    where = _site_name(site)
-    if isinstance(module, nnx.Linear):
-        kind, name = "linear", "kernel"
-        fan_in, fan_out, unstacked = module.in_features, module.out_features, 2
-    elif isinstance(module, nnx.LinearGeneral):
-        if len(module.batch_axis):
-            raise ValueError(f"LoRA on {where}: LinearGeneral with batch_axis is not supported")
-        kind, name = "general", "kernel"
-        fan_in, fan_out = math.prod(module.in_features), math.prod(module.out_features)
-        unstacked = len(module.in_features) + len(module.out_features)
-    elif isinstance(module, nnx.Einsum):
-        kind, name = "einsum", "kernel"
-        ks = tuple(module.kernel_shape)
-        fan_in, fan_out, unstacked = ks[0], math.prod(ks[1:]), len(ks)
-    elif isinstance(module, nnx.Embed):
-        kind, name = "embed", "embedding"
-        fan_in, fan_out, unstacked = module.num_embeddings, module.features, 2
-    elif isinstance(module, nnx.Conv) and not isinstance(module, nnx.ConvTranspose):
-        if module.feature_group_count != 1:
-            raise ValueError(f"LoRA on {where}: grouped convolutions are not supported")
-        if module.mask is not None:
-            raise ValueError(f"LoRA on {where}: masked convolutions are not supported")
-        if isinstance(module.padding, str) and module.padding not in ("SAME", "VALID"):
-            raise ValueError(f"LoRA on {where}: conv padding {module.padding!r} is not supported "
-                             f"(SAME, VALID or explicit pairs are)")
-        kind, name = "conv", "kernel"
-        ks = tuple(module.kernel_size)
-        fan_in, fan_out, unstacked = math.prod(ks) * module.in_features, module.out_features, \
-            len(ks) + 2
-    else:
-        raise ValueError(f"LoRA cannot wrap {where} of type {type(module).__name__}: expected "
-                         f"nnx.Linear, LinearGeneral, Einsum, Embed or Conv")
-    shape = tuple(getattr(module, name).shape)
-    if len(shape) < unstacked:
-        raise ValueError(f"LoRA on {where}: {name} shape {shape} is inconsistent with the module")
-    return dict(kind=kind, fan_in=int(fan_in), fan_out=int(fan_out), kernel_name=name,
-                kernel_shape=shape, stack=shape[: len(shape) - unstacked])
+    return nnx_lora_target(module, _site_name(site))
 
 
 def _stacked_init(init: Callable, key: jax.Array, stack: tuple[int, ...], shape, dtype):
@@ -156,7 +120,9 @@ class LoRA(nnx.Module):
     (also ``attend``) / Conv, and :func:`layerlens_jax._src.peft.merge` folds it back into the kernel.
 
     Attributes: ``base_module`` (the wrapped module), ``peft_lora_a``, ``peft_lora_b``
-    (:class:`LoRAWeight`), static ``rank``, ``alpha``, ``use_rslora``, ``scale``, ``site``.
+    (:class:`LoRAWeight`), static ``rank``, ``alpha``, ``use_rslora``, ``scale``, ``site`` and
+    ``target`` (its :class:`~layerlens_jax._src.peft.targets.LoRATarget`; ``kind``,
+    ``kernel_shape``, ``stack`` repeat its fields).
     """
 
     method = "lora"
@@ -169,11 +135,12 @@ class LoRA(nnx.Module):
             raise ValueError(f"LoRA rank for {_site_name(site)} must be a positive int, got {rank!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout for {_site_name(site)} must be in [0, 1), got {dropout}")
-        info = lora_target_info(base_module, site)
+        target = lora_target_info(base_module, site)
         self.base_module = base_module
-        self.kind = info["kind"]
-        self.kernel_shape = info["kernel_shape"]
-        self.stack = info["stack"]
+        self.target = target
+        self.kind = target.kind
+        self.kernel_shape = target.kernel_shape
+        self.stack = target.stack
         self.rank = rank
         self.alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
@@ -181,43 +148,20 @@ class LoRA(nnx.Module):
         self.dtype = dtype
         self.site = site
         self.peft_lora_a = LoRAWeight(_stacked_init(a_init, rngs.params(), self.stack,
-                                                    (info["fan_in"], rank), param_dtype))
+                                                    (target.fan_in, rank), param_dtype))
         self.peft_lora_b = LoRAWeight(_stacked_init(b_init, rngs.params(), self.stack,
-                                                    (rank, info["fan_out"]), param_dtype))
+                                                    (rank, target.fan_out), param_dtype))
         self.dropout = nnx.data(nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None)
 
     @property
     def size(self) -> int:
         return self.rank
 
-    def _x(self, x):
-        return self.dropout(x) if self.dropout is not None else x
-
     def delta(self, x: jax.Array, **kwargs) -> jax.Array:
-        """The LoRA term alone for input ``x`` (what is added to the base output)."""
-        a, b, base = self.peft_lora_a[...], self.peft_lora_b[...], self.base_module
-        if self.kind == "linear":
-            return functional.lora_delta(self._x(x), a, b, self.scale, dtype=self.dtype)
-        if self.kind == "general":
-            return functional.lora_general_delta(self._x(x), a, b, self.scale, axis=base.axis,
-                                        out_shape=base.out_features, dtype=self.dtype)
-        if self.kind == "einsum":
-            einsum_str = kwargs.get("einsum_str") or base.einsum_str
-            return functional.lora_einsum_delta(self._x(x), a, b, self.scale, einsum_str=einsum_str,
-                                       kernel_shape=self.kernel_shape, dtype=self.dtype)
-        if self.kind == "embed":
-            return functional.lora_embed_delta(x, a, b, self.scale, dtype=self.dtype)
-        n = len(base.kernel_size)
-        bcast = lambda v: (v,) * n if isinstance(v, int) or v is None else tuple(v)  # noqa: E731
-        padding = base.padding
-        if not isinstance(padding, str):
-            from flax.nnx.nn.linear import canonicalize_padding
-            padding = canonicalize_padding(padding, n)
-        return functional.lora_conv_delta(self._x(x), a, b, self.scale, kernel_size=base.kernel_size,
-                                 strides=bcast(base.strides or 1), padding=padding,
-                                 input_dilation=bcast(base.input_dilation or 1),
-                                 kernel_dilation=bcast(base.kernel_dilation or 1),
-                                 dtype=self.dtype)
+        """The LoRA term alone for input ``x`` (what is added to the base output); ``kwargs`` are
+        the base call's keyword arguments (an Einsum's ``einsum_str`` override is honoured)."""
+        return self.target.delta(x, self.peft_lora_a[...], self.peft_lora_b[...], self.scale,
+                                 dtype=self.dtype, dropout=self.dropout, call_kwargs=kwargs)
 
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
         y = self.base_module(x, *args, **kwargs)
@@ -234,7 +178,7 @@ class LoRA(nnx.Module):
     def merged_kernel(self) -> jax.Array:
         """The base kernel plus the folded LoRA update, in the kernel's dtype (per layer for a
         stacked module)."""
-        kernel = getattr(self.base_module, "embedding" if self.kind == "embed" else "kernel")[...]
+        kernel = getattr(self.base_module, self.target.kernel_name)[...]
         a = self.peft_lora_a[...].astype(jnp.float32)
         b = self.peft_lora_b[...].astype(jnp.float32)
         n = len(self.stack) if a.ndim > 2 else 0
