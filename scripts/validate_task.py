@@ -120,12 +120,13 @@ def predictive_validity(prep, stats, u, steps: int, lr: float) -> dict:
             "spearman": float(rho.statistic), "spearman_p": float(rho.pvalue)}
 
 
-PLAN_VARIANTS = ("layerlens_lora", "layerlens_mixed", "spectral_frobenius", "spectral_nuclear")
+PLAN_VARIANTS = ("layerlens_lora", "layerlens_mixed", "spectral_frobenius", "spectral_nuclear",
+                 "eva", "eva_rho2", "adalora")
 DEFAULT_VARIANTS = ("uniform:qv", "uniform:qkvo", "uniform:ffn", "uniform:all") + PLAN_VARIANTS + (
     "head_only", "full")
 
 
-def sweep_plans(bcfg, sites, u, spectra, variants) -> dict:
+def sweep_plans(bcfg, sites, u, spectra, variants, eva=None) -> dict:
     """Every plan variant at ``bcfg``'s budget: the uniform candidates and the allocated plans,
     each with its allocation seconds in ``metadata['allocate_seconds']`` (uniform: 0)."""
     from layerlens_jax._src.allocate import allocate
@@ -164,7 +165,72 @@ def sweep_plans(bcfg, sites, u, spectra, variants) -> dict:
                                                "use_rslora": a.use_rslora})
             out[name] = dataclasses.replace(out[name], metadata={
                 **out[name].metadata, "allocate_seconds": time.perf_counter() - t0})
+    for name, rho in (("eva", 1.0), ("eva_rho2", 2.0)):
+        if name in variants and eva is not None:
+            from layerlens_jax._src.eva import eva_allocate_params, eva_plan
+            targets = [x for x in sites if x.path in eva]
+            rank = max(1, int(round(bcfg.budget.reference_rank * bcfg.budget.scale)))
+            t0 = time.perf_counter()
+            ranks = eva_allocate_params(eva, params_budget=budget, rank=rank, rho=rho,
+                                        sites=targets)
+            out[name] = eva_plan(sites, ranks, u, peft_options=ref_opts,
+                                 metadata={"variant": name, "rho": rho,
+                                           "allocate_seconds": time.perf_counter() - t0})
     return out
+
+
+def _eva_adapt(prep, plan, eva):
+    """EVA's model: the plan's LoRA, A initialised from the inputs' principal components."""
+    from layerlens_jax._src.eva import eva_init
+    from layerlens_jax._src.peft import apply_plan
+
+    ranks = {site: size for site, (_, size) in plan.assignments().items()}
+
+    def adapt(base, seed):
+        model = apply_plan(base, plan, inplace=True, example=prep.example())
+        return eva_init(model, eva, ranks, inplace=True)
+    return adapt
+
+
+def _adalora(bcfg, sites):
+    """AdaLoRA on query+value from rank 1.5x the uniform rank down to it (HF's 12 -> 8)."""
+    from layerlens_jax._src import adalora as ad
+
+    target = max(1, int(round(bcfg.budget.reference_rank * bcfg.budget.scale)))
+    r_init = int(np.ceil(1.5 * target))
+    names = set(bcfg.budget.reference_targets)
+    targets = [x.path for x in sites if x.kind == "linear" and x.path.rsplit("/", 1)[-1] in names]
+    steps = bcfg.train.steps
+    config = ad.AdaLoRAConfig(target_rank=target, total_step=steps, tinit=max(1, steps // 10),
+                              tfinal=max(1, steps // 5), delta_t=1)
+
+    def adapt(base, seed):
+        return ad.apply_adalora(base, targets, r_init, alpha=bcfg.budget.reference_alpha,
+                                seed=seed, inplace=True)
+
+    def make_step(model, tx, loss_fn, wrt):
+        return ad.make_adalora_train_step(model, loss_fn, tx, config, wrt=wrt)
+    return adapt, make_step
+
+
+def _eva_statistics(prep, stats):
+    """EVA's input statistics of the uniform target sites on the profiling batches."""
+    from layerlens_jax._src.eva import eva_statistics
+    from layerlens_jax._src.plan import uniform_assignments
+    from layerlens_jax.app.data import iterate_batches
+
+    cfg = prep.cfg
+    sites = list(stats.sites)
+    chosen = uniform_assignments(sites, "lora", 1, cfg.budget.reference_targets)
+    targets = [x for x in sites if x.path in chosen]
+    batches = iterate_batches(prep.arrays["train"], cfg.data.batch_size, seed=cfg.run.seed,
+                              epoch=10_000)
+    batches = [b for _, b in zip(range(cfg.profile.batches), batches)]
+    return eva_statistics(prep.build_model(cfg.run.seed), batches, targets, forward=_forward)
+
+
+def _forward(model, batch):
+    return model(batch["input_ids"], batch["attention_mask"])
 
 
 def _settings(spec, scale, variant, seed, args) -> dict:
@@ -188,6 +254,8 @@ def main():
     ap.add_argument("--out", default="runs/validation")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite validation.md from the stored results")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                    help="merge the stores of these sweep folders into --out, then render")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override, as for `layerlens` (e.g. utility.transform='sqrt')")
     args = ap.parse_args()
@@ -198,7 +266,14 @@ def main():
     store = {"runs": {}, "plans": {}, "utility": {}, "predictive": {}, "timing": {}}
     if store_path.is_file():
         store = {**store, **json.loads(store_path.read_text())}
-    if args.render:
+    if args.merge:
+        for d in args.merge:
+            other = json.loads((Path(d) / "validation.json").read_text())
+            for field in ("runs", "plans", "utility", "predictive", "timing"):
+                store[field] = {**store.get(field, {}), **other.get(field, {})}
+            store.setdefault("commands", []).append(other.get("command", ""))
+        write_json(store_path, store)
+    if args.render or args.merge:
         md = render(store)
         (out / "validation.md").write_text(md)
         print(md)
@@ -214,8 +289,12 @@ def main():
         t0 = time.perf_counter()
         spectra = _spectra(prep, stats)
         spectra_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        eva = _eva_statistics(prep, stats) if {"eva", "eva_rho2"} & set(args.variants) else None
+        eva_s = time.perf_counter() - t0
         store["utility"][spec] = rep.to_dict()
-        store["timing"][spec] = {"profile_seconds": profile_s, "spectra_seconds": spectra_s}
+        store["timing"][spec] = {"profile_seconds": profile_s, "spectra_seconds": spectra_s,
+                                 "eva_seconds": eva_s}
         print(f"[{spec}] utility: CV {rep.cv:.3f}, r(grad) {rep.grad_corr:.3f}, "
               f"r(fisher) {rep.fisher_corr:.3f}; profile {profile_s:.1f}s, spectra "
               f"{spectra_s:.1f}s", flush=True)
@@ -226,7 +305,7 @@ def main():
         for scale in args.budgets:
             bcfg = _cfg(spec, args, scale)
             prep_b = dataclasses.replace(prep, cfg=bcfg)
-            plans = sweep_plans(bcfg, list(stats.sites), u, spectra, args.variants)
+            plans = sweep_plans(bcfg, list(stats.sites), u, spectra, args.variants, eva)
             from layerlens_jax._src.plan_metrics import plan_metrics
             store["plans"][f"{spec}@{scale}"] = {
                 name: {"assignments": {k: list(v) for k, v in p.assignments().items()},
@@ -239,14 +318,20 @@ def main():
                         if scale != args.budgets[0]:
                             continue  # once per task
                         key_scale = 0.0
-                    elif variant in plans:
+                    elif variant in plans or variant == "adalora":
                         key_scale = scale
                     else:
                         continue  # a uniform target set whose rank 1 does not fit
                     key = run_key(_settings(spec, key_scale, variant, seed, args))
                     if key in store["runs"]:
                         continue
-                    res = train_variant(prep_b, variant, plans.get(variant), seed, progress=False)
+                    hooks = {}
+                    if variant in ("eva", "eva_rho2"):
+                        hooks["adapt"] = _eva_adapt(prep_b, plans[variant], eva)
+                    elif variant == "adalora":
+                        hooks["adapt"], hooks["make_step"] = _adalora(bcfg, list(stats.sites))
+                    res = train_variant(prep_b, variant, plans.get(variant), seed, progress=False,
+                                        **hooks)
                     r = {**res.to_json(), "task": spec, "budget_scale": key_scale}
                     store["runs"][key] = r
                     write_json(store_path, store)

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
@@ -99,15 +100,18 @@ class AdaLoRA(nnx.Module):
 
     method = "adalora"
 
-    def __init__(self, base_module: nnx.Linear, rank: int, *, alpha: float = 8.0,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, site: str | None = None):
+    def __init__(self, base_module: nnx.Linear | nnx.LinearGeneral, rank: int, *,
+                 alpha: float = 8.0, param_dtype: Any = jnp.float32, rngs: nnx.Rngs,
+                 site: str | None = None):
         where = f"site {site!r}" if site else "this module"
-        if not isinstance(base_module, nnx.Linear):
-            raise ValueError(f"AdaLoRA on {where}: expected nnx.Linear, got "
-                             f"{type(base_module).__name__}")
+        shapes = _matrix_axes(base_module)
+        if shapes is None:
+            raise ValueError(f"AdaLoRA on {where}: expected nnx.Linear or an nnx.LinearGeneral "
+                             f"contracting its trailing axes, got {type(base_module).__name__}")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"AdaLoRA r_init for {where} must be a positive int, got {rank!r}")
-        d_in, d_out = base_module.in_features, base_module.out_features
+        self.in_shape, self.out_shape = shapes
+        d_in, d_out = math.prod(self.in_shape), math.prod(self.out_shape)
         self.base_module = base_module
         self.rank, self.alpha, self.site = rank, float(alpha), site
         self.scale = float(alpha) / rank
@@ -121,7 +125,9 @@ class AdaLoRA(nnx.Module):
 
     def delta(self, x: jax.Array) -> jax.Array:
         p, e, q = self.peft_adalora_p[...], self.peft_adalora_e[...], self.peft_adalora_q[...]
-        return ((x.astype(q.dtype) @ q.T) * e) @ p.T * self.scale
+        lead = x.shape[:x.ndim - len(self.in_shape)]
+        xf = x.reshape(lead + (-1,)).astype(q.dtype)
+        return (((xf @ q.T) * e) @ p.T * self.scale).reshape(lead + self.out_shape)
 
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
         y = self.base_module(x, *args, **kwargs)
@@ -132,7 +138,20 @@ class AdaLoRA(nnx.Module):
         kernel = self.base_module.kernel[...]
         p, e, q = (v[...].astype(jnp.float32) for v in
                    (self.peft_adalora_p, self.peft_adalora_e, self.peft_adalora_q))
-        return (kernel.astype(jnp.float32) + ((p * e) @ q).T * self.scale).astype(kernel.dtype)
+        delta = (((p * e) @ q).T * self.scale).reshape(kernel.shape)
+        return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
+def _matrix_axes(module: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(in_shape, out_shape)`` of a Linear, or of a LinearGeneral that contracts its input's
+    trailing ``len(in_features)`` axes with no batch axes (BERT's per-head projections); else None."""
+    if isinstance(module, nnx.Linear):
+        return (module.in_features,), (module.out_features,)
+    if isinstance(module, nnx.LinearGeneral) and not module.batch_axis:
+        n = len(module.in_features)
+        if tuple(module.axis) == tuple(range(-n, 0)):
+            return tuple(module.in_features), tuple(module.out_features)
+    return None
 
 
 def apply_adalora(model: nnx.Module, sites: Iterable[Any], r_init: int, *, alpha: float = 8.0,
@@ -150,9 +169,10 @@ def apply_adalora(model: nnx.Module, sites: Iterable[Any], r_init: int, *, alpha
             module = get_submodule(model, path) if path else None
         except (AttributeError, IndexError, ValueError, KeyError, TypeError):
             module = None
-        if not isinstance(module, nnx.Linear):
-            raise ValueError(f"AdaLoRA site {path!r}: expected an nnx.Linear in "
-                             f"{type(model).__name__}, got {type(module).__name__}")
+        if _matrix_axes(module) is None:
+            raise ValueError(f"AdaLoRA site {path!r}: expected an nnx.Linear (or LinearGeneral on "
+                             f"trailing axes) in {type(model).__name__}, got "
+                             f"{type(module).__name__}")
     target = model if inplace else nnx.clone(model)
     for path in paths:
         set_submodule(target, path, AdaLoRA(get_submodule(target, path), r_init, alpha=alpha,

@@ -134,7 +134,7 @@ def _feature_axes(model: nnx.Module, path: str) -> tuple[int, ...]:
     else:
         raise ValueError(f"EVA site {path!r} is a {type(module).__name__}; EVA supports "
                          f"nnx.Linear and nnx.LinearGeneral (without batch_axis) sites")
-    if lora_target_info(module, path)["stack"]:
+    if lora_target_info(module, path).stack:
         raise ValueError(f"EVA site {path!r}: stacked (vmapped) modules are not supported")
     return axes
 

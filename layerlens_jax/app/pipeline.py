@@ -271,8 +271,11 @@ def _head_filter(head: tuple[str, ...]):
     return pred
 
 
-def build_variant(prep: Prepared, variant: str, plan, seed: int):
-    """(model, trainable filter) for a variant; the base encoder and head come from ``seed``."""
+def build_variant(prep: Prepared, variant: str, plan, seed: int, adapt=None):
+    """(model, trainable filter) for a variant; the base encoder and head come from ``seed``.
+
+    ``adapt(base, seed) -> model``, when given, replaces ``apply_plan(base, plan)``: how a
+    baseline with its own adapters or initialisation (EVA, AdaLoRA) builds its model."""
     from layerlens_jax._src.peft import PEFT_FILTER, apply_plan
 
     base = prep.build_model(seed)
@@ -281,6 +284,8 @@ def build_variant(prep: Prepared, variant: str, plan, seed: int):
         return base, nnx.Param
     if variant == "head_only":
         return base, head
+    if adapt is not None:
+        return adapt(base, seed), nnx.Any(PEFT_FILTER, head)
     model = apply_plan(base, plan, inplace=True, example=prep.example())
     return model, nnx.Any(PEFT_FILTER, head)
 
@@ -404,16 +409,20 @@ class VariantResult:
 
 
 def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bool = True,
-                  keep_model: bool = False) -> VariantResult:
-    """Train one variant with one seed; its figures (and the model if ``keep_model``)."""
+                  keep_model: bool = False, adapt=None, make_step=None) -> VariantResult:
+    """Train one variant with one seed; its figures (and the model if ``keep_model``).
+
+    ``adapt`` as in :func:`build_variant`; ``make_step(model, tx, loss_fn, wrt) -> (step, state)``,
+    when given, replaces :func:`~layerlens_jax.make_functional_train_step` (AdaLoRA's step)."""
     from layerlens_jax.app.data import num_batches
     from layerlens_jax._src.train import make_functional_train_step, write_back
 
     cfg = prep.cfg
-    model, wrt = build_variant(prep, variant, plan, seed)
+    model, wrt = build_variant(prep, variant, plan, seed, adapt)
     trainable = count_params(model, wrt)
     tx = optax.adamw(_schedule(cfg, _lr(cfg, variant)), weight_decay=cfg.train.weight_decay)
-    step, state = make_functional_train_step(model, tx, _mean_loss, wrt=wrt)
+    make_step = make_step or (lambda m, t, f, w: make_functional_train_step(m, t, f, wrt=w))
+    step, state = make_step(model, tx, _mean_loss, wrt)
     per_epoch = num_batches(prep.sizes["train"], cfg.data.batch_size, drop_remainder=True)
     state, curve, seconds, memory = _run_steps(prep, variant, seed, model, step, state,
                                                progress=progress)
