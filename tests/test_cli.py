@@ -25,6 +25,28 @@ def test_missing_config_file(tmp_path, capsys):
     assert err.startswith("layerlens: config error: ") and "missing.toml' does not exist" in err
 
 
+def test_config_path_is_a_directory(tmp_path, capsys):
+    assert main(["profile", "-c", str(tmp_path)]) == 2
+    err = _one_line_error(capsys)
+    assert f"config file '{tmp_path}' is a directory, not a TOML file" in err
+
+
+def test_infinite_budget_is_still_allowed():
+    from layerlens_jax.app.config import config_from_dict
+
+    assert config_from_dict({"budget": {"latency": "inf", "vram_bytes": 1e9}}).budget.latency \
+        == float("inf")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = tmp_path / "run"
+    out.write_text("a file")
+    assert main(["profile", "-c", TINY, "--set", f"run.output_dir='{out}'"]) == 2
+    from layerlens_jax.app.rundir import RunDirError
+    with pytest.raises(RunDirError, match="is a file"):
+        main(["profile", "-c", TINY, "--debug", "--set", f"run.output_dir='{out}'"])
+
+
 def test_config_file_not_toml(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\nsteps = 1\n")
@@ -42,6 +64,14 @@ def test_config_file_not_toml(tmp_path, capsys):
     ("train.steps=fast", "train.steps must be an integer, got 'fast'"),
     ("data.task='imdb'", "data.task must be one of"),
     ("compare.variants=['uniform_lora','magic']", "unknown variant 'magic'"),
+    ("train.learning_rate=inf", "train.learning_rate must be a finite number, got inf"),
+    ("train.learning_rate=nan", "train.learning_rate must be a number, got nan"),
+    ("train.learning_rate=-1e-3", "train.learning_rate must be > 0, got -0.001"),
+    ("train.weight_decay=inf", "train.weight_decay must be a finite number, got inf"),
+    ("run.seed=-1", "run.seed must be >= 0, got -1"),
+    ("data.split_seed=-3", "data.split_seed must be >= 0, got -3"),
+    ("compare.seeds=[0,-1]", "compare.seeds must be >= 0, got [0, -1]"),
+    ("train.divergence_factor=1", "train.divergence_factor must be > 1, got 1.0"),
 ])
 def test_bad_set_exits_2_naming_the_key(tmp_path, capsys, override, culprit):
     out_dir = tmp_path / "run"

@@ -129,6 +129,11 @@ class TrainSection:
     weight_decay: float = 0.0
     warmup_steps: int = 20
     eval_every: int = 50
+    # Training stops with an error (and no checkpoint for that variant) when the loss is not
+    # finite or its mean since the previous check exceeds this multiple of the first step's loss.
+    # A classification loss starts near log(classes) and falls in a normal run (the window means
+    # are compared, so one noisy batch does not trip it); 10x the start means the optimizer blew up.
+    divergence_factor: float = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +180,11 @@ _POSITIVE = {"model.max_length", "data.batch_size", "data.eval_batch_size", "pro
              "budget.train_flops", "budget.infer_flops", "budget.vram_bytes", "budget.latency",
              "budget.reference_alpha", "allocate.lora_alpha", "allocate.lora_saturation",
              "allocate.adapter_saturation", "allocate.prefix_saturation"}
-_NON_NEGATIVE = {"data.max_examples", "data.train_examples", "profile.head_warmup_steps", "train.weight_decay",
+# Float keys that may be infinite (an optional budget: inf = no cap); every other float key must be
+# finite.
+_MAY_BE_INFINITE = {"budget.train_flops", "budget.infer_flops", "budget.vram_bytes",
+                    "budget.latency"}
+_NON_NEGATIVE = {"run.seed", "data.split_seed", "data.max_examples", "data.train_examples", "profile.head_warmup_steps", "train.weight_decay",
                  "train.warmup_steps", "utility.fisher_weight", "utility.grad_weight",
                  "allocate.lora_efficiency", "allocate.adapter_efficiency",
                  "allocate.prefix_efficiency"}
@@ -228,8 +237,17 @@ def _section(cls, values: Any, name: str):
             raise ConfigError(f"{key} must be > 0, got {v!r}")
         if key in _NON_NEGATIVE and not v >= 0:
             raise ConfigError(f"{key} must be >= 0, got {v!r}")
+        if key not in _MAY_BE_INFINITE:
+            _check_finite(v, key)
         kwargs[k] = v
     return cls(**kwargs)
+
+
+def _check_finite(value: Any, key: str) -> None:
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key} must be a finite number, got {v!r}")
 
 
 def config_from_dict(d: Mapping[str, Any]) -> RunConfig:
@@ -265,6 +283,10 @@ def _cross_checks(cfg: RunConfig) -> None:
                           f"must be one of compare.variants {list(cfg.compare.variants)}")
     if not cfg.compare.seeds:
         raise ConfigError("compare.seeds must list at least one seed")
+    if any(s < 0 for s in cfg.compare.seeds):
+        raise ConfigError(f"compare.seeds must be >= 0, got {list(cfg.compare.seeds)}")
+    if not cfg.train.divergence_factor > 1:
+        raise ConfigError(f"train.divergence_factor must be > 1, got {cfg.train.divergence_factor}")
     u = cfg.budget.utilisation
     if u and not (len(u) == 2 and 0 < u[0] <= u[1] <= 1):
         raise ConfigError(f"budget.utilisation must be [low, high] with 0 < low <= high <= 1, "
@@ -281,10 +303,16 @@ def _cross_checks(cfg: RunConfig) -> None:
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Read a TOML config; ``overrides`` maps ``"section.key"`` to a value (from the CLI)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory, not a TOML file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         d = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for dotted, value in (overrides or {}).items():

@@ -7,10 +7,12 @@ previous stages wrote to the run directory, so the CLI can run them one at a tim
 ``stats.json``        per-site statistics and the utility (``profile``)
 ``plans/*.json``      one plan per plan variant; ``plan.json`` the main one; ``adapter_config.json``
                       its HF PEFT export (``plan``)
-``results.json``      per variant and seed: accuracy, trainable parameters, time, memory, curves
-                      (``train``); ``checkpoint/`` the main plan's adapters + head, seed 0
+``results.json``      per variant and seed: accuracy, trainable parameters, time, memory, curves;
+                      diverged variants; stage seconds (``train``); ``checkpoint/`` the main
+                      plan's adapters + head + plan + manifest, seed 0 (app.rundir)
 ``evaluation.json``   the main checkpoint re-evaluated from disk (``evaluate``)
 ``report.md``, PNGs   the report (``report``)
+``.layerlens/``       the lock and each stage's completion marker (app.rundir)
 ====================  ==========================================================================
 
 Variants (one name each everywhere): ``uniform_lora`` (LoRA of the reference rank on the
@@ -48,7 +50,8 @@ from layerlens_jax._src.utility import UtilityConfig, utility, utility_report
 
 __all__ = ["Prepared", "CurvePoint", "VariantResult", "prepare", "classification_loss",
            "run_profile", "make_plans", "build_variant", "train_variant", "evaluate_accuracy",
-           "summarise", "comparison_markdown", "write_json", "read_json", "PLAN_VARIANTS"]
+           "summarise", "comparison_markdown", "write_json", "read_json", "PLAN_VARIANTS",
+           "DivergenceError", "check_arrays", "check_stats_json"]
 
 PLAN_VARIANTS = ("uniform_lora", "layerlens_lora", "layerlens_mixed")
 
@@ -60,13 +63,18 @@ write_json = atomic_write_json
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The JSON content of a file that ``layerlens <what>`` wrote;
+    :class:`~layerlens_jax.app.rundir.StageInputError` naming the file when it is missing or not
+    JSON."""
+    from layerlens_jax.app.rundir import StageInputError
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `layerlens {what}` first")
+        raise StageInputError(f"{path} not found: run `layerlens {what}` first")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); rerun `layerlens {what}`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageInputError(f"{path} is not valid JSON ({e}); rerun `layerlens {what}`") from None
 
 
 # ------------------------------------------------------------------------------- preparation
@@ -122,9 +130,36 @@ def prepare(cfg: RunConfig) -> Prepared:
     arrays = {split: encode_split(task[split], tok, cfg.model.max_length)
               for split in ("train", "validation", "test")}
     model_config = build(0).config
+    check_arrays(cfg, arrays, num_labels=num_labels, vocab_size=model_config.vocab_size)
     return Prepared(cfg=cfg, label_names=tuple(task.label_names), arrays=arrays,
                     model_config=model_config, build_model=build,
                     sizes={s: len(a["labels"]) for s, a in arrays.items()})
+
+
+def check_arrays(cfg: RunConfig, arrays: Mapping[str, Mapping[str, np.ndarray]], *,
+                 num_labels: int, vocab_size: int) -> None:
+    """ValueError (one line, naming the split, the key and both numbers) unless training has at
+    least one full batch, validation and test are not empty, every label is in
+    ``[0, num_labels)`` and every token id in ``[0, vocab_size)``."""
+    n_train = len(arrays["train"]["labels"])
+    if n_train < cfg.data.batch_size:
+        raise ValueError(f"the training split has {n_train} examples, fewer than data.batch_size "
+                         f"= {cfg.data.batch_size}: no full batch to train on (raise "
+                         f"data.max_examples / data.train_examples or lower data.batch_size)")
+    for split, a in arrays.items():
+        if len(a["labels"]) == 0:
+            raise ValueError(f"the {split} split of data.task {cfg.data.task!r} is empty "
+                             f"(raise data.max_examples)")
+        bad = (a["labels"] < 0) | (a["labels"] >= num_labels)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"the {split} split has label {int(a['labels'][i])} at example {i}, "
+                             f"outside [0, {num_labels}) for {num_labels} classes")
+        ids = a["input_ids"]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            v = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise ValueError(f"the {split} split has token id {v}, outside the model's vocabulary "
+                             f"[0, {vocab_size})")
 
 
 def classification_loss(model, batch) -> jax.Array:
@@ -214,13 +249,45 @@ def stats_to_json(stats: LayerStats, u: np.ndarray, report) -> dict[str, Any]:
     return d
 
 
-def sites_from_json(d: dict[str, Any]) -> tuple[list[Site], np.ndarray]:
+STATS_KEYS = ("sites", "sites_meta", "utility_report", "num_examples", "num_tokens",
+              "num_batches")
+
+
+def check_stats_json(d: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """``d`` when it has the keys of :func:`stats_to_json`; ValueError naming the file and the
+    first missing key otherwise (a StageInputError)."""
+    from layerlens_jax.app.rundir import StageInputError
+
+    if not isinstance(d, dict):
+        raise StageInputError(f"{path} is not a stats object; rerun `layerlens profile`")
+    missing = [k for k in STATS_KEYS if k not in d]
+    if missing:
+        raise StageInputError(f"{path} lacks {missing[0]!r}: not written by `layerlens profile`; "
+                              f"rerun `layerlens profile`")
+    if len(d["sites"]) != len(d["sites_meta"]) or not d["sites"]:
+        raise StageInputError(f"{path}: {len(d['sites'])} site rows vs {len(d['sites_meta'])} site "
+                              f"descriptions; rerun `layerlens profile`")
+    return d
+
+
+def sites_from_json(d: dict[str, Any], path: str | os.PathLike = "stats.json"
+                    ) -> tuple[list[Site], np.ndarray]:
+    """The sites and utility of ``stats.json``'s content; StageInputError naming ``path`` when
+    it is damaged."""
+    from layerlens_jax.app.rundir import StageInputError
+
+    check_stats_json(d, path)
     sites = []
-    for m in d["sites_meta"]:
-        m = dict(m)
-        m["param_shapes"] = {k: tuple(v) for k, v in m["param_shapes"].items()}
-        sites.append(Site(**m))
-    return sites, np.array([row["utility"] for row in d["sites"]], np.float64)
+    try:
+        for m in d["sites_meta"]:
+            m = dict(m)
+            m["param_shapes"] = {k: tuple(v) for k, v in m["param_shapes"].items()}
+            sites.append(Site(**m))
+        u = np.array([row["utility"] for row in d["sites"]], np.float64)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StageInputError(f"{path}: damaged site entry ({type(e).__name__}: {e}); rerun "
+                              f"`layerlens profile`") from None
+    return sites, u
 
 
 # ---------------------------------------------------------------------------------- plans
@@ -259,7 +326,26 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray) -> dict[str, An
     plans["layerlens_mixed"] = allocate(sites, u, budgets, catalogue=mixed, gain_model=gain,
                                         utilisation=utilisation, peft_options=peft_options,
                                         exclusive_nesting=a.exclusive_nesting)
+    for name, catalogue in (("layerlens_lora", lora_only), ("layerlens_mixed", mixed)):
+        if all(x.method == "none" for x in plans[name].allocations):
+            raise ValueError(_adapts_nothing(cfg, name, sites, catalogue, params_budget))
     return plans
+
+
+def _adapts_nothing(cfg: RunConfig, name: str, sites: list[Site], catalogue,
+                    params_budget: float) -> str:
+    """The error of a plan that adapts no site: the budget and the cheapest option's cost."""
+    from layerlens_jax._src.costs import option_costs, option_mask
+
+    options = [o for o in catalogue.options() if o[0] != "none"]
+    mask = option_mask(sites, options, catalogue)
+    params = np.where(mask, option_costs(sites, options, mask=mask)[..., 0], np.inf)
+    i, j = np.unravel_index(int(np.argmin(params)), params.shape)
+    method, size = options[j]
+    return (f"plan {name} adapts no site: its parameter budget is {params_budget:,.6g} "
+            f"(budget.scale = {cfg.budget.scale} x uniform LoRA rank {cfg.budget.reference_rank})"
+            f", but the cheapest option, {method} {size} on {sites[i].path}, costs "
+            f"{params[i, j]:,.0f} parameters; raise budget.scale")
 
 
 # -------------------------------------------------------------------------------- training
@@ -299,6 +385,9 @@ def _schedule(cfg: RunConfig, lr: float):
     warm = min(t.warmup_steps, max(t.steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(t.steps, warm + 1), lr * 0.1) \
         if warm else optax.cosine_decay_schedule(lr, t.steps, 0.1)
+
+
+_LR_KEYS = {"full": "train.full_learning_rate", "head_only": "train.head_learning_rate"}
 
 
 def _lr(cfg: RunConfig, variant: str) -> float:
@@ -461,17 +550,18 @@ def _run_steps(prep: Prepared, variant: str, seed: int, model, step, state, *, p
         if i == 0:  # time the steps after the first (compiling) one
             jax.block_until_ready(metrics["loss"])
             t0 = time.perf_counter()
+        if i == 0:
+            initial = float(metrics["loss"])
+            _check_divergence(cfg, variant, seed, 1, initial, initial)
         if (i + 1) % cfg.train.eval_every == 0 or i + 1 == cfg.train.steps:
             recent = float(np.mean(jax.device_get(losses[-cfg.train.eval_every:])))
+            _check_divergence(cfg, variant, seed, i + 1, recent, initial)
             te = time.perf_counter()
             write_back(model, state)
             val = evaluate_accuracy(model, prep.arrays["validation"], cfg.data.eval_batch_size)
             eval_seconds += time.perf_counter() - te
             curve.append(CurvePoint(step=i + 1, train_loss=recent, val_loss=val["loss"],
                                     val_accuracy=val["accuracy"]))
-            if not math.isfinite(recent):
-                raise FloatingPointError(f"training {variant} (seed {seed}) diverged at step "
-                                         f"{i + 1}: loss {recent}")
         if bar is not None:
             bar.update(1)
         batch = next(it)
@@ -481,6 +571,33 @@ def _run_steps(prep: Prepared, variant: str, seed: int, model, step, state, *, p
     if bar is not None:
         bar.close()
     return state, tuple(curve), seconds, memory
+
+
+class DivergenceError(FloatingPointError):
+    """Training of one variant diverged: its loss is not finite, or its mean since the previous
+    check exceeds ``train.divergence_factor`` times the first step's loss."""
+
+    def __init__(self, message: str, *, variant: str, seed: int, step: int, loss: float,
+                 initial_loss: float):
+        super().__init__(message)
+        self.record = {"variant": variant, "seed": seed, "step": step, "loss": loss,
+                       "initial_loss": initial_loss, "message": message}
+
+
+def _check_divergence(cfg: RunConfig, variant: str, seed: int, step: int, loss: float,
+                      initial: float) -> None:
+    """:class:`DivergenceError` when ``loss`` (the mean since the previous check) is not finite or
+    exceeds ``train.divergence_factor`` times ``initial`` (the first step's loss)."""
+    factor = cfg.train.divergence_factor
+    if math.isfinite(loss) and math.isfinite(initial) and loss <= factor * abs(initial):
+        return
+    why = ("is not finite" if not math.isfinite(loss) else
+           f"exceeds train.divergence_factor = {factor:g} x the first step's loss {initial:.4g}")
+    raise DivergenceError(
+        f"training {variant} (seed {seed}) diverged at step {step}: mean loss {loss:.4g} {why} "
+        f"(lower {_LR_KEYS.get(variant, 'train.learning_rate')} = {_lr(cfg, variant):g})",
+        variant=variant, seed=seed, step=step, loss=loss if math.isfinite(loss) else str(loss),
+        initial_loss=initial if math.isfinite(initial) else str(initial))
 
 
 def summarise(results: Sequence[VariantResult]) -> list[dict[str, Any]]:

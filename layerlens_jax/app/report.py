@@ -121,10 +121,12 @@ def _demote(md: str) -> str:
 
 def write_report(path: Path, *, title: str, config: Mapping[str, Any], stats_json: Mapping,
                  utility_md: str, plan_sections: Mapping[str, str], comparison_md: str | None,
-                 verdict: str | None, images: Sequence[str]) -> Path:
+                 verdict: str | None, images: Sequence[str], timings: str | None = None,
+                 diverged: Sequence[str] = ()) -> Path:
     """Write ``report.md``: the utility validation and profile figures, one section per plan
     (each Markdown demoted one heading level), the task comparison and verdict when given, the
-    plots (linked by file name, next to the report) and the config as JSON."""
+    plots (linked by file name, next to the report), the variants whose training diverged, the
+    stage timings and the config as JSON."""
     lines = [f"# {title}", "", "## Utility Score Validation", "", utility_md, ""]
     lines += [f"Profiled {len(stats_json['sites'])} sites on {stats_json['num_examples']} examples "
               f"({stats_json['num_tokens']} tokens, {stats_json['num_batches']} batches).", ""]
@@ -134,6 +136,10 @@ def write_report(path: Path, *, title: str, config: Mapping[str, Any], stats_jso
         lines += ["## Task Performance", "", comparison_md, ""]
         if verdict:
             lines += [verdict, ""]
+    if diverged:
+        lines += ["## Diverged", ""] + [f"- {d}" for d in diverged] + [""]
+    if timings:
+        lines += ["## Stage Timings", "", f"{timings}.", ""]
     lines += ["## Plots", ""] + [f"![{Path(i).stem}]({Path(i).name})" for i in images] + [""]
     lines += ["## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
     atomic_write_text(path, "\n".join(lines))
