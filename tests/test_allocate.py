@@ -257,3 +257,25 @@ def test_bad_inputs_name_the_culprit(sites):
         allocate(sites, u, {"params": 1e4}, min_size={"classifier": 8}, max_size={"classifier": 2})
     with pytest.raises(ValueError, match="even its cheapest"):
         allocate(sites, u, {"params": 10.0}, pinned={"pooler": ("lora", 8)})
+
+
+@pytest.mark.parametrize("utility, budget, why", [
+    ([1.0, 0.5, 0.1], 0.0, "no option fits"),
+    ([1.0, 0.5, 0.1], 100.0, "no option fits"),  # below LoRA rank 1 = 2 * 64 = 128 parameters
+    ([0.0, 0.0, 0.0], 1024.0, "every utility is 0"),
+])
+def test_empty_plan_warns_with_budget_and_cheapest_cost(utility, budget, why):
+    sites = [_dense(f"layer{i}", 64) for i in range(3)]
+    with pytest.warns(UserWarning, match=rf"empty plan \({why}.*budgets \{{'params': "
+                      rf"{budget}\}}.*cheapest option costs \{{'params': 128.0\}}"):
+        plan = allocate(sites, utility, {"params": budget})
+    assert plan.assignments() == {} and plan.use["params"] == 0.0
+
+
+def test_non_empty_plan_does_not_warn():
+    import warnings
+    sites = [_dense(f"layer{i}", 64) for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = allocate(sites, [1.0, 0.5, 0.1], {"params": 256.0})
+    assert plan.assignments() and 0 < plan.use["params"] <= 256.0

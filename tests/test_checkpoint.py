@@ -94,6 +94,57 @@ def test_overwrite_and_linen_save(base, tmp_path):
     assert_same(snapshot(target), jax.tree.map(np.array, adapter_state(linen, variables)))
 
 
+def _siblings(path):
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+@pytest.mark.parametrize("where", ["before_swap", "second_rename"])
+def test_failed_overwrite_keeps_the_old_checkpoint(base, tmp_path, monkeypatch, where):
+    from layerlens_jax._src import checkpoint as ck
+    old = randomise(wrapped(base), 4)
+    path = save_adapters(tmp_path / "ck", old, metadata={"step": 1})
+    expected = snapshot(old)
+    new = randomise(wrapped(base), 5)
+    if where == "before_swap":  # the new checkpoint is fully written, the swap never starts
+        def boom(root):
+            assert (root / "meta" / "metadata").is_file()  # complete temporary checkpoint
+            raise OSError("disk full")
+        monkeypatch.setattr(ck, "_sync_tree", boom)
+    else:  # old -> backup succeeded, new -> final fails
+        real = os.rename
+
+        def rename(a, b):
+            if Path(b) == path and Path(a).name.startswith(".ck.tmp-"):
+                assert not path.exists()  # the old one is already the backup
+                raise OSError("rename failed")
+            return real(a, b)
+        monkeypatch.setattr(ck.os, "rename", rename)
+    with pytest.raises(OSError, match="previous checkpoint at .* is intact"):
+        save_adapters(path, new, overwrite=True, metadata={"step": 2})
+    monkeypatch.undo()
+    assert _siblings(path) == ["ck"]  # no temporary or backup folder left behind
+    assert read_checkpoint_metadata(path)["metadata"] == {"step": 1}
+    target = randomise(wrapped(base), 6)
+    restore_adapters(path, target)
+    assert_same(snapshot(target), expected)
+    # and a normal overwrite then replaces it
+    save_adapters(path, new, overwrite=True, metadata={"step": 2})
+    assert _siblings(path) == ["ck"]
+    assert read_checkpoint_metadata(path)["metadata"] == {"step": 2}
+    restore_adapters(path, target)
+    assert_same(snapshot(target), snapshot(new))
+
+
+def test_backup_left_by_a_kill_between_renames_is_put_back(base, tmp_path):
+    model = randomise(wrapped(base), 7)
+    path = save_adapters(tmp_path / "ck", model, metadata={"step": 3})
+    os.rename(path, path.with_name(".ck.old-123-abcd"))  # as if killed after the first rename
+    with pytest.raises(FileExistsError):
+        save_adapters(path, model)  # the backup is recovered first, so it exists again
+    assert _siblings(path) == ["ck"]
+    assert read_checkpoint_metadata(path)["metadata"] == {"step": 3}
+
+
 @pytest.mark.parametrize("plan,kw,match", [
     ({**PLAN, "pooler": ("lora", 2)}, {}, "pooler: model.*lora.*checkpoint none"),
     ({**PLAN, "embeddings/word": ("lora", 4)}, {}, "embeddings/word"),

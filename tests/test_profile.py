@@ -303,3 +303,45 @@ def test_conv_einsum_and_registered_user_module_use_the_local_vmap_rule():
     gn, fi = reference_stats(nnx_per_example_grad(model, loss), batches, stats.sites)
     np.testing.assert_allclose(stats.fisher_trace, fi, rtol=RTOL)
     np.testing.assert_allclose(stats.grad_norm, gn, rtol=RTOL)
+
+
+def _mlp_problem():
+    model = MLP((4, 8, 2), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(8, 4)).astype(np.float32),
+             "y": rng.normal(size=(8, 2)).astype(np.float32)}
+
+    def loss(m, b):
+        return jnp.sum((m(b["x"]) - b["y"]) ** 2, axis=-1)
+
+    return model, batch, loss
+
+
+@pytest.mark.parametrize("wrong", [
+    lambda loss: (lambda m, b: jnp.concatenate([loss(m, b), loss(m, b)])),  # calls the model twice
+    lambda loss: (lambda m, b: jnp.tile(loss(m, b), 2)),
+])
+def test_loss_of_wrong_length_names_expected_and_got_shapes(wrong):
+    model, batch, loss = _mlp_problem()
+    with pytest.raises(ValueError, match=r"shape \(8,\) for a batch of 8, got \(16,\)"):
+        profile(model, wrong(loss), [batch])
+
+
+def test_integer_or_tuple_loss_is_type_error():
+    model, batch, loss = _mlp_problem()
+    with pytest.raises(TypeError, match="floating per-example losses, got dtype int32"):
+        profile(model, lambda m, b: loss(m, b).astype(jnp.int32), [batch])
+    with pytest.raises(TypeError, match="one array of per-example losses.*tuple of 2"):
+        profile(model, lambda m, b: (loss(m, b), {}), [batch])
+
+
+def test_single_dict_as_batches_says_wrap_in_list():
+    model, batch, loss = _mlp_problem()
+    with pytest.raises(TypeError, match=r"single dict .*wrap it in a list"):
+        profile(model, loss, batch)
+    stats = profile(model, loss, [batch])  # wrapped: fine, and equals an independent reference
+    per_example = [jax.grad(lambda p, i=i: loss(nnx.merge(gd, p, rest), batch)[i])(params)
+                   for gd, params, rest in [nnx.split(model, nnx.Param, ...)] for i in range(8)]
+    ref = np.mean([sum(float(jnp.sum(v ** 2)) for v in jax.tree.leaves(g["layers_0"]))
+                   for g in per_example])
+    np.testing.assert_allclose(stats.fisher_trace[0], ref, rtol=1e-4)

@@ -156,3 +156,32 @@ def test_reduce_loss():
     assert float(loss) == 5.0 and aux == {"acc": 1}
     with pytest.raises(TypeError, match="floating"):
         reduce_loss(jnp.array([1, 2]))
+
+
+@pytest.mark.parametrize("factory", ["nnx", "functional"])
+def test_train_step_rejects_tuple_without_has_aux_and_integer_loss(factory):
+    model = apply_plan(MLP((4, 8, 2), rngs=nnx.Rngs(0)), {"layers_0": ("lora", 2)})
+    batch = {"x": jnp.ones((3, 4)), "y": jnp.zeros((3, 2))}
+
+    def mse(m, b):
+        return jnp.mean((m(b["x"]) - b["y"]) ** 2, axis=-1)
+
+    def build(loss_fn, has_aux=False):
+        if factory == "nnx":
+            step = make_train_step(loss_fn, has_aux=has_aux)
+            opt = make_optimizer(model, optax.sgd(0.1))
+            return lambda: step(model, opt, batch)
+        step, state = make_functional_train_step(model, optax.sgd(0.1), loss_fn, has_aux=has_aux,
+                                                 donate=False)
+        return lambda: step(state, batch)[1]
+
+    with pytest.raises(TypeError, match="has_aux=True"):
+        build(lambda m, b: (mse(m, b), {"n": 3}))()
+    with pytest.raises(TypeError, match="floating loss, got dtype int32"):
+        build(lambda m, b: mse(m, b).astype(jnp.int32))()
+    with pytest.raises(TypeError, match="has_aux=True.*pair"):
+        build(mse, has_aux=True)()
+    expected = float(np.mean((np.asarray(model(batch["x"])) - 0.0) ** 2))  # loss before the step
+    metrics = build(lambda m, b: (mse(m, b), {"n": 3}), has_aux=True)()
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    assert int(metrics["aux"]["n"]) == 3

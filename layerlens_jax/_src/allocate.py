@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -80,6 +81,10 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
       bound (an upper bound on the best objective under the effective budgets, reported as at least
       the objective), so ``dual_bound - objective`` certifies the optimality gap.
 
+    Warns:
+      UserWarning: the plan adapts no site (a zero budget, budgets below every option's cost, or an
+        all-zero utility); the message names the budgets and the cheapest option's cost.
+
     Raises:
       ValueError: invalid input (unknown resource, negative or NaN budget or utility, unknown or
         duplicate site, bad pin or size limit), naming the site / resource / value; or infeasible
@@ -121,7 +126,23 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
     bound = dual_value(problem.gain, problem.cost_rso, problem.mask, problem.budget, sol.lam)
     extra = {"multipliers": {r: float(v) for r, v in zip(problem.resources, sol.lam)},
              "timing_s": {"build": t1 - t0, "solve": t2 - t1}}
+    _warn_if_empty(problem, choice)
     return to_plan(problem, choice, bound, "lagrangian", peft_options, extra)
+
+
+def _warn_if_empty(problem: Problem, choice: np.ndarray) -> None:
+    """``UserWarning`` when ``choice`` adapts no site, naming the budgets and the cheapest option."""
+    if any(problem.options[int(c)][0] != "none" for c in choice):
+        return
+    cost = problem.cost_rso[:, :, 1:]  # [R, S, O-1] without the "none" option
+    cheapest = {r: float(c[c > 0].min()) if (c > 0).any() else None
+                for r, c in zip(problem.resources, cost)}
+    effective = {r: float(b) for r, b in zip(problem.resources, problem.budget)}
+    why = ("every utility is 0" if not np.any(problem.utility > 0)
+           else "no option fits the budgets")
+    warnings.warn(f"allocate returned an empty plan ({why}): budgets {dict(problem.budgets)} "
+                  f"(effective {effective}); the cheapest option costs {cheapest}", UserWarning,
+                  stacklevel=3)
 
 
 def allocate_curve(sites: Sequence[Site], utility, budgets: Mapping[str, Sequence[float]], *,

@@ -8,8 +8,11 @@ A checkpoint is an orbax composite directory with two items:
   options that change the maths (``lora_alpha``, ``use_rslora``, ...), for every leaf its shape,
   dtype and SHA-256, the full plan JSON when a Plan object was given, and user metadata.
 
-Saving is atomic (orbax writes a temporary directory and renames it when complete; an existing
-checkpoint is replaced only with ``overwrite=True``). Restoring validates *everything* (format,
+Saving is crash-safe: the complete new checkpoint is written into a temporary sibling directory,
+every file and folder is ``fsync``-ed, then it is swapped in with two renames (old → backup, new →
+final) and the backup deleted. A failure or a kill at any point leaves the previous checkpoint
+intact (a kill between the two renames leaves it as a backup, put back by the next save); an
+existing checkpoint is replaced only with ``overwrite=True``. Restoring validates *everything* (format,
 plan, options, shapes, dtypes, readable arrays, checksums) before writing a single value into the
 model: any mismatch or damage raises :class:`CheckpointError` (a ``ValueError``) naming what is
 wrong and leaves the model untouched.
@@ -20,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +32,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from layerlens_jax._src.fileio import fsync_dir
 from layerlens_jax._src.peft.apply import adapter_state, applied_plan, load_adapter_state
 from layerlens_jax._src.peft.nnx_modules import Adapter, LoRA, Prefix
 from layerlens_jax._src.peft.tree import flatten_tree, unflatten_tree
@@ -104,11 +110,13 @@ def save_adapters(directory: str | os.PathLike, model: Any, variables: Mapping |
     maths and a SHA-256 per leaf (see the module docstring); the base weights are not.
 
     Args:
-      directory: the checkpoint directory to create (written atomically by orbax).
+      directory: the checkpoint directory to create (written crash-safely: see the module
+        docstring).
       model: a wrapped NNX model, or a :class:`~layerlens_jax._src.peft.linen.PeftLinen`.
       variables: Linen only: the wrapper's variables.
       plan: optionally the Plan object (its JSON is stored alongside).
-      overwrite: replace an existing checkpoint at ``directory``.
+      overwrite: replace an existing checkpoint at ``directory``; the old one is removed only once
+        the new one is complete on disk.
       metadata: JSON-serialisable user metadata, returned by :func:`read_checkpoint_metadata`.
 
     Returns:
@@ -119,6 +127,8 @@ def save_adapters(directory: str | os.PathLike, model: Any, variables: Mapping |
       ValueError: the model carries no adapters.
       CheckpointError: sites of the model disagree on an option (one value per option is stored).
       TypeError: ``plan`` cannot be serialised.
+      OSError: writing or swapping in the new checkpoint failed; the message says that the
+        previous checkpoint (if any) is intact.
 
     >>> import pathlib, tempfile
     >>> from flax import nnx
@@ -130,6 +140,7 @@ def save_adapters(directory: str | os.PathLike, model: Any, variables: Mapping |
     {'layers_0': ['lora', 2]}
     """
     path = Path(directory).absolute()
+    _recover_backup(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     state = adapter_state(model, variables)
@@ -150,11 +161,73 @@ def save_adapters(directory: str | os.PathLike, model: Any, variables: Mapping |
     }
     tree = unflatten_tree({tuple(site.split("/")) + (leaf,): a
                        for site, leaves in host.items() for leaf, a in leaves.items()})
-    ocp = _ocp()
-    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    ckptr.save(path, args=ocp.args.Composite(adapters=ocp.args.StandardSave(tree),
-                                             meta=ocp.args.JsonSave(meta)), force=overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        ocp = _ocp()
+        ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
+            tmp, args=ocp.args.Composite(adapters=ocp.args.StandardSave(tree),
+                                         meta=ocp.args.JsonSave(meta)))
+        _sync_tree(tmp)
+    except BaseException as e:
+        for p in path.parent.glob(f"{tmp.name}*"):  # with orbax's own temporary folder
+            shutil.rmtree(p, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
+        raise OSError(f"checkpoint {path} not written ({type(e).__name__}: {e}); "
+                      f"{_kept(path)}") from e
+    _swap_in(tmp, path)
     return path
+
+
+def _kept(path: Path) -> str:
+    return (f"the previous checkpoint at {path} is intact" if path.exists()
+            else "no checkpoint was there before")
+
+
+def _sync_tree(root: Path) -> None:
+    """``fsync`` every file and folder under ``root`` (and its parent) so the checkpoint is
+    complete on disk before it is swapped in."""
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+    fsync_dir(root.parent)
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Replace the folder ``final`` by its sibling ``new``: ``final`` → backup, ``new`` → ``final``,
+    backup deleted. On a failure the previous ``final`` is put back and the error says so."""
+    backup = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    had_old = final.exists()
+    try:
+        if had_old:
+            os.rename(final, backup)
+        os.rename(new, final)
+    except BaseException as e:
+        if had_old and backup.exists() and not final.exists():
+            os.rename(backup, final)
+        shutil.rmtree(new, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
+        raise OSError(f"checkpoint {final} not replaced ({type(e).__name__}: {e}); "
+                      f"{_kept(final)}") from e
+    fsync_dir(final.parent)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _recover_backup(final: Path) -> None:
+    """Put back the backup left by a kill between the two renames of :func:`_swap_in`."""
+    if final.exists() or not final.parent.is_dir():
+        return
+    backups = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if backups:
+        os.rename(backups[-1], final)
+        fsync_dir(final.parent)
 
 
 def read_checkpoint_metadata(directory: str | os.PathLike) -> dict[str, Any]:

@@ -117,10 +117,12 @@ class ProfileStep:
         self.sites = tuple(sites)
         if not self.sites:
             raise ValueError("profile got an empty list of sites")
+        n = _infer_batch_size(first_batch)
+        _check_loss_output(model, loss_fn, first_batch, variables, n, is_nnx)
         tapped = (tap_nnx(model, list(self.sites)) if is_nnx
                   else tap_linen(model, variables, list(self.sites)))
         self._params, self._rest = tapped.params, tapped.rest
-        self._step = _make_step(tapped, loss_fn, sample_loss_fn, _infer_batch_size(first_batch),
+        self._step = _make_step(tapped, loss_fn, sample_loss_fn, n,
                                 example_mask_key, token_mask_key)
         self.site_unit, self.site_leaf = _membership(self.sites, tapped.unit_paths,
                                                      tapped.param_paths)
@@ -179,12 +181,37 @@ def _batch_masks(batch, example_mask_key, token_mask_key, n):
     return w, tokens
 
 
+def _check_loss_type(losses, n):
+    """TypeError / ValueError unless ``losses`` (an array or ShapeDtypeStruct) is float of (n,)."""
+    if isinstance(losses, (tuple, list)):
+        raise TypeError(f"loss_fn must return one array of per-example losses of shape ({n},), "
+                        f"got a {type(losses).__name__} of {len(losses)}")
+    if not jnp.issubdtype(losses.dtype, jnp.floating):
+        raise TypeError(f"loss_fn must return floating per-example losses, got dtype "
+                        f"{losses.dtype}; cast the loss to float32")
+    if tuple(losses.shape) != (n,):
+        raise ValueError(f"loss_fn must return per-example losses of shape ({n},) for a batch of "
+                         f"{n}, got {tuple(losses.shape)}; return the unreduced losses, one per "
+                         f"example")
+
+
 def _checked_losses(losses, n):
-    losses = jnp.asarray(losses)
-    if losses.shape != (n,):
-        raise ValueError(f"loss_fn must return per-example losses of shape ({n},), got "
-                         f"{losses.shape}; return the unreduced losses")
+    if not isinstance(losses, (tuple, list)):
+        losses = jnp.asarray(losses)
+    _check_loss_type(losses, n)
     return losses
+
+
+def _check_loss_output(model, loss_fn, first_batch, variables, n, is_nnx):
+    """Check the shape and dtype of ``loss_fn``'s output abstractly, on the untapped model, so a
+    wrong loss is named before the taps can fail on it (e.g. a loss calling the model twice)."""
+    if is_nnx:
+        out = nnx.eval_shape(loss_fn, model, first_batch)
+    else:
+        out = jax.eval_shape(loss_fn, variables, first_batch)
+    if not isinstance(out, (tuple, list)) and not hasattr(out, "dtype"):
+        out = jax.eval_shape(jnp.asarray, out)
+    _check_loss_type(out, n)
 
 
 def _leaf_sq(tree):
@@ -343,8 +370,10 @@ def profile(
 
     Raises:
       ValueError: no batches, no examples, ``sample_loss_fn`` without ``rng``, losses not of shape
-        (B,), or a unit whose input does not have the example axis first (names the unit).
-      TypeError: ``model`` is neither an ``nnx.Module`` nor a Linen module.
+        (B,) (names the expected and the returned shape), or a unit whose input does not have the
+        example axis first (names the unit).
+      TypeError: ``model`` is neither an ``nnx.Module`` nor a Linen module, ``batches`` is a single
+        mapping (wrap it in a list), or ``loss_fn`` returns a non-float loss or a tuple.
       FloatingPointError: a non-finite statistic (names the statistic, the site and the batch).
       NotImplementedError: a unit called twice per forward pass (weight sharing) or through a
         method other than ``__call__``.
@@ -368,6 +397,10 @@ def profile(
     """
     if sample_loss_fn is not None and rng is None:
         raise ValueError("sample_loss_fn needs rng (a jax PRNG key) to sample labels")
+    if isinstance(batches, Mapping):
+        raise TypeError(f"batches must be an iterable of batches, got a single "
+                        f"{type(batches).__name__} (keys {sorted(map(str, batches))[:4]}); wrap "
+                        f"it in a list: profile(model, loss_fn, [batch])")
     iterator = iter(batches)
     try:
         first = next(iterator)

@@ -48,11 +48,26 @@ __all__ = [
 
 
 def reduce_loss(out: Any, has_aux: bool = False) -> tuple[jax.Array, Any]:
-    """``(scalar loss, aux)`` from a loss function's output: a per-example loss is averaged."""
-    loss, aux = (out if has_aux else (out, None))
+    """``(scalar loss, aux)`` from a loss function's output: a per-example loss is averaged.
+
+    Raises:
+      TypeError: a tuple without ``has_aux=True``, no ``(loss, aux)`` pair with it, or a loss that
+        is not floating point.
+    """
+    if has_aux:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(f"with has_aux=True loss_fn must return a (loss, aux) pair, got "
+                            f"{type(out).__name__}")
+        loss, aux = out
+    elif isinstance(out, (tuple, list)):
+        raise TypeError(f"loss_fn returned a {type(out).__name__} of {len(out)}; for (loss, aux) "
+                        f"pass has_aux=True, else return only the loss")
+    else:
+        loss, aux = out, None
     loss = jnp.asarray(loss)
     if not jnp.issubdtype(loss.dtype, jnp.floating):
-        raise TypeError(f"loss_fn must return a floating loss, got dtype {loss.dtype}")
+        raise TypeError(f"loss_fn must return a floating loss, got dtype {loss.dtype}; cast it "
+                        f"to float32")
     return (jnp.mean(loss) if loss.ndim else loss), aux
 
 
