@@ -352,9 +352,8 @@ def _adapts_nothing(cfg: RunConfig, name: str, sites: list[Site], catalogue,
 
 
 def _head_filter(head: tuple[str, ...]):
-    def pred(path, value):
-        return isinstance(value, nnx.Param) and bool(path) and str(path[0]) in head
-    return pred
+    from layerlens_jax.app.rundir import head_filter
+    return head_filter(head)
 
 
 def build_variant(prep: Prepared, variant: str, plan, seed: int, adapt=None):

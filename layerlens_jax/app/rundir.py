@@ -350,11 +350,19 @@ def load_checkpoint(final: str | os.PathLike, model, *, head: tuple[str, ...]) -
     load_head(final / "head.npz", model, head)
 
 
+def head_filter(head: tuple[str, ...]):
+    """The NNX filter of the task head: parameters under the top-level modules named in ``head``."""
+    from flax import nnx
+
+    def pred(path, value):
+        return isinstance(value, nnx.Param) and bool(path) and str(path[0]) in head
+    return pred
+
+
 def _head_state(model, head: tuple[str, ...]):
     from flax import nnx
 
-    from layerlens_jax.app.pipeline import _head_filter
-    return nnx.state(model, _head_filter(head))
+    return nnx.state(model, head_filter(head))
 
 
 def save_head(path: Path, model, head: tuple[str, ...]) -> None:
