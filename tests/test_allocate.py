@@ -279,3 +279,19 @@ def test_non_empty_plan_does_not_warn():
         warnings.simplefilter("error")
         plan = allocate(sites, [1.0, 0.5, 0.1], {"params": 256.0})
     assert plan.assignments() and 0 < plan.use["params"] <= 256.0
+
+
+def test_a_budget_filled_exactly_is_reached():
+    """Costs that add up to the budget exactly (float32 rounds 3 x 16/48 up to 1.0000001) must
+    stay within reach; the MILP's optimum is the reference."""
+    from layerlens_jax._src.exact import allocate_exact
+    sites = [Site(path=f"layer{i}", kind="linear", module_type="Dense",
+                  param_shapes={"kernel": (64, 64)}, num_params=4096, in_features=64,
+                  out_features=64) for i in range(3)]
+    for budget, want in ((128, {"layer0": ("lora", 1)}),
+                         (1024, {"layer0": ("lora", 4), "layer1": ("lora", 3),
+                                 "layer2": ("lora", 1)})):
+        plan = allocate(sites, [1.0, 0.5, 0.1], {"params": budget})
+        exact = allocate_exact(sites, [1.0, 0.5, 0.1], {"params": budget})
+        assert plan.assignments() == want == exact.assignments()
+        assert plan.use["params"] == budget

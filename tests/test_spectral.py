@@ -94,9 +94,8 @@ def test_spectral_gain_allocates_by_the_curves_not_by_utility():
     spectra = GradientSpectra(sites=("a", "b"), num_examples=1,
                               values=np.array([[1.0, 0, 0, 0], [0.6, 0.6, 0.6, 0.6]]))
     gain = SpectralGain(spectra=spectra, fallback=GainModel())
-    # three ranks of an 8 x 8 LoRA (plus a little: the solver keeps float32 use 2e-6 below each
-    # budget, so a combination that fills it exactly is out of its reach)
-    budget = {"params": 3 * 16 + 0.5}
+    budget = {"params": 3 * 16}  # exactly three ranks of an 8 x 8 LoRA: a:1 + b:2 fills it
+
     plan = allocate(sites, np.ones(2), budget, catalogue=Catalogue.from_sizes(lora=[1, 2, 3]),
                     gain_model=gain)
     # frobenius gains: a = 1, 1, 1; b = 0.6, 0.85, 1.04 -> a:1 + b:2 (1.85) beats every other split

@@ -101,7 +101,7 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
       ...                  in_features=64, out_features=64) for i in range(3)]
       >>> plan = ll.allocate(sites, [1.0, 0.5, 0.1], {"params": 1024})
       >>> plan.assignments()
-      {'layer0': ('lora', 4), 'layer1': ('lora', 2), 'layer2': ('lora', 1)}
+      {'layer0': ('lora', 4), 'layer1': ('lora', 3), 'layer2': ('lora', 1)}
       >>> plan.use["params"] <= 1024 and plan.objective <= plan.dual_bound
       True
     """
