@@ -32,6 +32,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -321,11 +322,14 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray) -> dict[str, An
                                  prefix=a.prefix_lengths)
     plans = {"uniform_lora": uniform}
     gain = a.gain_model()
-    plans["layerlens_lora"] = allocate(sites, u, budgets, catalogue=lora_only, gain_model=gain,
-                                       utilisation=utilisation, peft_options=peft_options)
-    plans["layerlens_mixed"] = allocate(sites, u, budgets, catalogue=mixed, gain_model=gain,
-                                        utilisation=utilisation, peft_options=peft_options,
-                                        exclusive_nesting=a.exclusive_nesting)
+    with warnings.catch_warnings():  # an empty plan is reported below, as the job's own error
+        warnings.filterwarnings("ignore", message="allocate returned an empty plan")
+        plans["layerlens_lora"] = allocate(sites, u, budgets, catalogue=lora_only,
+                                           gain_model=gain, utilisation=utilisation,
+                                           peft_options=peft_options)
+        plans["layerlens_mixed"] = allocate(sites, u, budgets, catalogue=mixed, gain_model=gain,
+                                            utilisation=utilisation, peft_options=peft_options,
+                                            exclusive_nesting=a.exclusive_nesting)
     for name, catalogue in (("layerlens_lora", lora_only), ("layerlens_mixed", mixed)):
         if all(x.method == "none" for x in plans[name].allocations):
             raise ValueError(_adapts_nothing(cfg, name, sites, catalogue, params_budget))
