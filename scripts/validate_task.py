@@ -121,6 +121,7 @@ def predictive_validity(prep, stats, u, steps: int, lr: float) -> dict:
 
 
 PLAN_VARIANTS = ("layerlens_lora", "layerlens_mixed", "spectral_frobenius", "spectral_nuclear",
+                 "spectral_breadth",
                  "eva", "eva_rho2", "adalora")
 DEFAULT_VARIANTS = ("uniform:qv", "uniform:qkvo", "uniform:ffn", "uniform:all") + PLAN_VARIANTS + (
     "head_only", "full")
@@ -153,12 +154,13 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None) -> dict:
     for name in ("layerlens_lora", "layerlens_mixed"):
         if name in variants:
             out[name] = plans[name]
-    for norm in ("frobenius", "nuclear"):
-        name = f"spectral_{norm}"
+    for name, norm, ranks in (("spectral_frobenius", "frobenius", a.lora_ranks),
+                              ("spectral_nuclear", "nuclear", a.lora_ranks),
+                              ("spectral_breadth", "frobenius", (1,))):
         if name in variants:
             t0 = time.perf_counter()
             out[name] = allocate(sites, u, {"params": budget},
-                                 catalogue=Catalogue.from_sizes(lora=a.lora_ranks),
+                                 catalogue=Catalogue.from_sizes(lora=ranks),
                                  gain_model=SpectralGain(spectra=spectra, norm=norm,
                                                          fallback=a.gain_model()),
                                  peft_options={"lora_alpha": a.lora_alpha,
