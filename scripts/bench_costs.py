@@ -40,7 +40,7 @@ from layerlens_jax._src.step_cost import (compiled_step_bytes, matmul_flops,
 from layerlens_jax.models import BertClassifier, BertConfig
 
 
-STEP_ALLOCATE = False
+STEP_ALLOCATE = True
 
 
 def loss_fn(model, batch):

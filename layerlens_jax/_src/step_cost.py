@@ -314,3 +314,58 @@ def plan_step_cost(profile: StepProfile, sites: Sequence[Site], choice_cost: np.
     d = int(depths[adapted].min()) if adapted.any() else len(profile.groups)
     total = np.asarray(choice_cost, np.float64).sum(axis=0)
     return {r: float(total[k] + profile.fixed(r)[d]) for k, r in enumerate(RESOURCES)}
+
+
+# ------------------------------------------------------------------ allocation over the depth
+
+
+def depth_subproblems(problem, profile: StepProfile) -> list:
+    """For each lowest adapted group ``d = 0 .. D`` (``D``: nothing adapted), the sub-problem that
+    forbids every method on the sites of groups below ``d`` and charges the fixed parts ``M[d]``,
+    ``F[d]`` against the budgets; ``None`` where that is infeasible (a pinned or mandatory option
+    below ``d``, or a fixed part above its budget)."""
+    from layerlens_jax._src.problem import _equal_cost_groups, allowed_options
+
+    cm = problem.cost_model
+    if cm.batch_size != profile.batch_size:
+        raise ValueError(f"CostModel.batch_size={cm.batch_size} differs from the step profile's "
+                         f"batch size {profile.batch_size}; measure the profile on that batch")
+    depths = site_depths(profile, problem.sites)
+    pins = {int(i): None for i in np.flatnonzero(problem.pinned)}
+    out = []
+    for d in range(len(profile.groups) + 1):
+        budget = problem.budget - np.array([profile.fixed(r)[d] for r in problem.resources])
+        mask = problem.mask.copy()
+        mask[depths < d, 1:] = False
+        if (budget < 0).any() or not mask.any(axis=1).all():
+            out.append(None)
+            continue
+        mask = allowed_options(problem.cost_rso, mask, budget)
+        group = _equal_cost_groups(problem.utility, problem.cost_rso, mask, pins, problem.gain)
+        out.append(dataclasses.replace(problem, mask=mask, budget=budget, group=group))
+    if all(sub is None for sub in out):
+        fixed = {r: min(profile.fixed(r)) for r in problem.resources}
+        raise ValueError(f"budgets {dict(problem.budgets)} are below the whole step's smallest fixed "
+                         f"part {fixed} (the frozen model's forward and parameters)")
+    return out
+
+
+def with_step_use(plan, problem, profile: StepProfile, lowest: int):
+    """``plan`` with ``use`` of the whole step (fixed part of the plan's actual lowest adapted group
+    added) and ``metadata["step_cost"]``."""
+    from layerlens_jax._src.plan import Plan
+
+    idx = np.arange(len(problem.sites))
+    adapted = np.array([a.method != "none" for a in plan.allocations])
+    chosen = problem.cost[idx, [problem.options.index((a.method, a.size))
+                                for a in plan.allocations]]
+    use = plan_step_cost(profile, problem.sites, chosen, adapted)
+    depths = site_depths(profile, problem.sites)
+    actual = int(depths[adapted].min()) if adapted.any() else len(profile.groups)
+    meta = dict(plan.metadata)
+    meta["step_cost"] = {**profile.to_dict(), "enumerated_depth": lowest,
+                         "lowest_adapted_group": actual,
+                         "fixed": {r: float(profile.fixed(r)[actual]) for r in STEP_RESOURCES}}
+    return Plan.create(allocations=plan.allocations, budgets=dict(plan.budgets), use=use,
+                       dual_bound=plan.dual_bound, objective=plan.objective,
+                       peft_options=dict(plan.peft_options), solver=plan.solver, metadata=meta)
