@@ -35,6 +35,7 @@ from layerlens_jax._src.plan import Plan
 from layerlens_jax._src.problem import Problem, allowed_options, build_problem
 from layerlens_jax._src.sites import Site
 from layerlens_jax._src.solver import SolverConfig, lagrangian_allocate
+from layerlens_jax._src.step_cost import StepProfile, depth_subproblems, with_step_use
 
 __all__ = ["allocate", "allocate_curve"]
 
@@ -53,7 +54,7 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
              max_size: int | Mapping[str, int] | None = None,
              peft_options: Mapping[str, Any] | None = None,
              config: SolverConfig = SolverConfig(),
-             exclusive_nesting: bool = False) -> Plan:
+             exclusive_nesting: bool = False, step_profile: StepProfile | None = None) -> Plan:
     """Choose a method and size per site under every budget at once.
 
     Args:
@@ -74,6 +75,14 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
         (an adapter on ``layers_3/mlp`` and LoRA on ``layers_3/mlp/intermediate``). A block's
         utility is the sum of its layers', so additive gains credit nested options twice with the
         same signal; see :func:`~layerlens_jax._src.nesting.resolve_nesting`.
+      step_profile: a :class:`~layerlens_jax._src.step_cost.StepProfile` of the base model
+        (:func:`~layerlens_jax._src.step_cost.measure_step_profile`). With it the ``vram_bytes`` and
+        ``train_flops`` budgets (and ``plan.use``) mean the *whole* train step: the fixed part of the
+        lowest adapted depth group (backward through everything above it) plus the per-site costs.
+        Every lowest group is enumerated (methods forbidden below it, its fixed part charged), each
+        sub-problem solved in one vmapped solve, the best kept; the dual bound is the largest of the
+        sub-problems' bounds, so the certificate stays exact. ``cost_model.batch_size`` must be the
+        profile's batch size. Without it (the default) costs are per-site increments, as before.
 
     Returns:
       A :class:`~layerlens_jax._src.plan.Plan` (``solver="lagrangian"``) whose use is within every
@@ -110,13 +119,16 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
             functools.partial(allocate, sites, utility, budgets, catalogue=catalogue,
                               cost_model=cost_model, gain_model=gain_model,
                               utilisation=utilisation, min_size=min_size, max_size=max_size,
-                              peft_options=peft_options, config=config),
+                              peft_options=peft_options, config=config,
+                              step_profile=step_profile),
             sites, budgets, pinned)
     t0 = time.perf_counter()
     problem = build_problem(sites, utility, budgets, catalogue=catalogue, cost_model=cost_model,
                             gain_model=gain_model, pinned=pinned, min_size=min_size,
                             max_size=max_size, utilisation=utilisation)
     t1 = time.perf_counter()
+    if step_profile is not None:
+        return _allocate_over_depth(problem, step_profile, config, peft_options, t1 - t0)
     gain, cost, mask, group = _device_arrays(problem)
     sol = lagrangian_allocate(gain, cost, mask, jnp.asarray(problem.budget, jnp.float32), group,
                               config=config)
@@ -128,6 +140,33 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
              "timing_s": {"build": t1 - t0, "solve": t2 - t1}}
     _warn_if_empty(problem, choice)
     return to_plan(problem, choice, bound, "lagrangian", peft_options, extra)
+
+
+def _allocate_over_depth(problem: Problem, profile: StepProfile, config: SolverConfig,
+                         peft_options: Mapping[str, Any] | None, build_s: float) -> Plan:
+    """:func:`allocate` with a step profile: one vmapped solve over the lowest adapted group."""
+    t0 = time.perf_counter()
+    subs = depth_subproblems(problem, profile)
+    live = [d for d, sub in enumerate(subs) if sub is not None]
+    gain, cost, _, _ = _device_arrays(problem)
+    stacked = [np.stack([getattr(subs[d], f) for d in live]) for f in ("mask", "budget", "group")]
+    solve = jax.vmap(lambda m, b, g: lagrangian_allocate(gain, cost, m, b, g, config=config))
+    sols = jax.device_get(solve(jnp.asarray(stacked[0]), jnp.asarray(stacked[1], jnp.float32),
+                                jnp.asarray(stacked[2], jnp.int32)))
+    best, bound = None, -np.inf
+    for k, d in enumerate(live):
+        sub = subs[d]
+        choice = repair_budget_float64(sub, np.asarray(sols.choice[k], np.int64))
+        value = float(sub.gain[np.arange(len(choice)), choice].sum())
+        bound = max(bound, dual_value(sub.gain, sub.cost_rso, sub.mask, sub.budget, sols.lam[k]))
+        if best is None or value > best[0]:
+            best = (value, d, choice, sols.lam[k])
+    _, depth, choice, lam = best
+    extra = {"multipliers": {r: float(v) for r, v in zip(problem.resources, lam)},
+             "timing_s": {"build": build_s, "solve": time.perf_counter() - t0}}
+    _warn_if_empty(problem, choice)
+    plan = to_plan(problem, choice, bound, "lagrangian", peft_options, extra)
+    return with_step_use(plan, problem, profile, depth)
 
 
 def _warn_if_empty(problem: Problem, choice: np.ndarray) -> None:

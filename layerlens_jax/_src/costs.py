@@ -61,7 +61,9 @@ sgd 0, momentum 1, adam/adamw 2, ...), ``s`` the optimizer-state dtype size, ``e
 dtype size and ``a`` the elements saved for backward per position: LoRA ``c_in + r`` (its input and
 x·A; ``c_in`` = input channels, ``d_in`` except for conv, ``r`` only for embedding), adapter
 ``d + 2*b`` (input, pre- and post-activation), prefix ``p*H`` (attention probabilities on the extra
-keys). The frozen base model's own memory is not counted: costs are increments.
+keys). The frozen base model's own memory is not counted: costs are increments. The whole step
+(base parameters, backward through every layer above the lowest adapted one) is modelled in
+:mod:`~layerlens_jax._src.step_cost` and used by ``allocate(..., step_profile=...)``.
 
 Latency (milliseconds per inference batch)
 ------------------------------------------

@@ -66,16 +66,44 @@ def _constraint_rows(cost, budget, s_idx, o_idx, S, exclusive):
     return rows
 
 
+def _with_depth(rows, cost, budget, s_idx, o_idx, S, site_depth, fixed):
+    """The rows of :func:`_constraint_rows` extended by one binary ``z_d`` per lowest adapted group
+    ``d = 0 .. D``: ``sum_d z_d = 1``; a site of group ``g`` takes an option other than ``none`` only
+    if ``sum_{d <= g} z_d = 1``; each resource row also charges ``sum_d fixed[r, d] z_d``."""
+    from scipy.optimize import LinearConstraint
+    from scipy.sparse import csr_array, hstack, vstack
+
+    D1 = fixed.shape[1]
+    nv = len(s_idx)
+    one_hot = rows[0]
+    out = [LinearConstraint(hstack([one_hot.A, csr_array((S, D1))]), 1, 1),
+           LinearConstraint(csr_array(np.r_[np.zeros(nv), np.ones(D1)][None]), 1, 1)]
+    finite = np.flatnonzero(np.isfinite(budget))
+    if len(finite):
+        z = np.stack([fixed[r] / budget[r] if budget[r] > 0 else fixed[r] for r in finite])
+        out.append(LinearConstraint(hstack([rows[1].A, csr_array(z)]), -np.inf, rows[1].ub))
+    adapt = csr_array(((o_idx != 0).astype(float), (s_idx, np.arange(nv))), shape=(S, nv))
+    allowed_z = -(np.arange(D1)[None, :] <= np.asarray(site_depth)[:, None]).astype(float)
+    out.append(LinearConstraint(hstack([adapt, csr_array(allowed_z)]), -np.inf, 0.0))
+    for extra in rows[1 + bool(len(finite)):]:
+        out.append(LinearConstraint(hstack([extra.A, csr_array((extra.A.shape[0], D1))]),
+                                    extra.lb, extra.ub))
+    return out
+
+
 def solve_exact(gain: np.ndarray, cost: np.ndarray, mask: np.ndarray, budget: np.ndarray, *,
                 time_limit: float | None = None, mip_rel_gap: float = 1e-6,
-                exclusive: Sequence[tuple[int, int]] = ()):
+                exclusive: Sequence[tuple[int, int]] = (),
+                depth: tuple[np.ndarray, np.ndarray] | None = None):
     """The same problem as a MILP (``scipy.optimize.milp``, HiGHS), arrays in, arrays out.
 
     Binary ``x[s,o]`` for every allowed option, one per site, resource rows normalised by their
     budgets; for each ``(i, j)`` in ``exclusive`` at most one of sites ``i`` and ``j`` takes an
     option other than option 0 (``none``). Returns ``(choice int [S], objective, bound, status
     message)``; ``bound`` is HiGHS's dual bound (equal to the objective, up to ``mip_rel_gap``,
-    when solved to optimality).
+    when solved to optimality). ``depth = (site_depth [S], fixed [R, D+1])``: the whole-step
+    structure of :mod:`~layerlens_jax._src.step_cost` (one binary per lowest adapted group, its
+    fixed part charged against each budget; option 0 must be ``none``).
     """
     from scipy.optimize import Bounds, milp
 
@@ -92,13 +120,18 @@ def solve_exact(gain: np.ndarray, cost: np.ndarray, mask: np.ndarray, budget: np
     gscale = max(gain[s_idx, o_idx].max(initial=0.0), 1e-300)
     c = -gain[s_idx, o_idx] / gscale
     rows = _constraint_rows(cost, budget, s_idx, o_idx, S, exclusive)
+    if depth is not None:
+        rows = _with_depth(rows, cost, budget, s_idx, o_idx, S, depth[0],
+                           np.asarray(depth[1], np.float64))
+        c = np.r_[c, np.zeros(np.shape(depth[1])[1])]
     options = {"mip_rel_gap": mip_rel_gap}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
-    res = milp(c, constraints=rows, integrality=np.ones(nv), bounds=Bounds(0, 1), options=options)
+    res = milp(c, constraints=rows, integrality=np.ones(len(c)), bounds=Bounds(0, 1),
+               options=options)
     if res.x is None:
         raise ValueError(f"MILP found no feasible allocation: {res.message}")
-    x = res.x > 0.5
+    x = res.x[:nv] > 0.5
     choice = np.zeros(S, np.int64)
     choice[s_idx[x]] = o_idx[x]
     objective = float(gain[np.arange(S), choice].sum())
@@ -116,13 +149,15 @@ def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float],
                    max_size: int | Mapping[str, int] | None = None,
                    peft_options: Mapping[str, Any] | None = None,
                    time_limit: float | None = None, mip_rel_gap: float = 1e-6,
-                   exclusive_nesting: bool = False) -> Plan:
+                   exclusive_nesting: bool = False, step_profile=None) -> Plan:
     """The exact optimum of the problem :func:`~layerlens_jax._src.allocate.allocate` solves
     (MILP, scipy HiGHS); same inputs.
 
     For small problems and tests: exponential in the worst case. ``dual_bound`` is HiGHS's bound.
     With ``exclusive_nesting`` every (ancestor, descendant) site pair is a MILP row: the exact
-    optimum :func:`~layerlens_jax._src.nesting.resolve_nesting` approximates.
+    optimum :func:`~layerlens_jax._src.nesting.resolve_nesting` approximates. With
+    ``step_profile`` the budgets mean the whole train step, as in ``allocate``: one binary per
+    lowest adapted depth group (see :func:`solve_exact`).
     """
     t0 = time.perf_counter()
     problem = build_problem(sites, utility, budgets, catalogue=catalogue, cost_model=cost_model,
@@ -133,9 +168,23 @@ def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float],
         paths = [st.path for st in problem.sites]
         exclusive = [(i, j) for i, a in enumerate(paths) for j, d in enumerate(paths)
                      if d.startswith(a + "/")]
+    depth = None
+    if step_profile is not None:
+        from layerlens_jax._src.step_cost import depth_subproblems, site_depths
+
+        depth_subproblems(problem, step_profile)  # the same checks (batch size, feasibility)
+        depth = (site_depths(step_profile, problem.sites),
+                 np.stack([step_profile.fixed(r) for r in problem.resources]))
     choice, _, bound, message = solve_exact(problem.gain, problem.cost_rso, problem.mask,
                                             problem.budget, time_limit=time_limit,
-                                            mip_rel_gap=mip_rel_gap, exclusive=exclusive)
-    choice = repair_budget_float64(problem, choice)
+                                            mip_rel_gap=mip_rel_gap, exclusive=exclusive,
+                                            depth=depth)
+    if depth is None:
+        choice = repair_budget_float64(problem, choice)
     extra = {"milp_status": message, "timing_s": {"solve": time.perf_counter() - t0}}
-    return to_plan(problem, choice, bound, "milp", peft_options, extra)
+    plan = to_plan(problem, choice, bound, "milp", peft_options, extra)
+    if step_profile is not None:
+        from layerlens_jax._src.step_cost import with_step_use
+
+        plan = with_step_use(plan, problem, step_profile, -1)
+    return plan
