@@ -24,6 +24,8 @@ from layerlens_jax._src.profile import LayerStats, ProfileStep, profile, sampled
 from layerlens_jax._src.utility import UtilityConfig, UtilityReport, utility, utility_report
 # 3. costs and allocation: which method and size per site, under budgets
 from layerlens_jax._src.costs import Catalogue, CostModel, GainModel, calibrate_latency
+from layerlens_jax._src.spectral import GradientSpectra, SpectralGain, gradient_spectra
+from layerlens_jax._src.step_cost import StepProfile, measure_step_profile
 from layerlens_jax._src.allocate import allocate, allocate_curve
 from layerlens_jax._src.exact import allocate_exact
 # 4. the plan: record, JSON, metrics, HF PEFT export
@@ -46,6 +48,7 @@ __all__ = [
     "LayerStats", "ProfileStep", "profile", "sampled_label_loss",
     "UtilityConfig", "UtilityReport", "utility", "utility_report",
     "Catalogue", "CostModel", "GainModel", "calibrate_latency",
+    "GradientSpectra", "SpectralGain", "gradient_spectra", "StepProfile", "measure_step_profile",
     "allocate", "allocate_curve", "allocate_exact",
     "Plan", "SiteAllocation", "load_plan", "plan_metrics", "save_plan", "to_peft_config",
     "BASE_FILTER", "PEFT_FILTER", "Adapter", "LoRA", "PeftParam", "Prefix",
