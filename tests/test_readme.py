@@ -43,7 +43,7 @@ def test_block_extraction():
 def test_profiling_and_allocation_examples_run(tmp_path, monkeypatch):
     text = README.read_text()
     blocks = python_blocks(text, "Profiling") + python_blocks(text, "Allocation")
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)  # save_plan writes plan.json into the working directory
     namespace: dict = {}
     out = io.StringIO()
@@ -59,3 +59,5 @@ def test_profiling_and_allocation_examples_run(tmp_path, monkeypatch):
     assert plan.assignments(), "the tiny plan adapts no site"
     assert namespace["config"]["peft_type"] == "LORA"
     assert np.isfinite(plan.dual_bound - plan.objective)
+    vram_plan, budget = namespace["vram_plan"], namespace["budget"]
+    assert vram_plan.assignments() and vram_plan.use["vram_bytes"] <= budget

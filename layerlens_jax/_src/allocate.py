@@ -82,7 +82,8 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
         Every lowest group is enumerated (methods forbidden below it, its fixed part charged), each
         sub-problem solved in one vmapped solve, the best kept; the dual bound is the largest of the
         sub-problems' bounds, so the certificate stays exact. ``cost_model.batch_size`` must be the
-        profile's batch size. Without it (the default) costs are per-site increments, as before.
+        profile's batch size (the default cost model takes the profile's batch shape). Without it
+        (the default) costs are per-site increments, as before.
 
     Returns:
       A :class:`~layerlens_jax._src.plan.Plan` (``solver="lagrangian"``) whose use is within every
@@ -123,6 +124,8 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
                               step_profile=step_profile),
             sites, budgets, pinned)
     t0 = time.perf_counter()
+    if step_profile is not None and cost_model is None:  # the batch shape the profile holds for
+        cost_model = CostModel(batch_size=step_profile.batch_size, seq_len=step_profile.seq_len)
     problem = build_problem(sites, utility, budgets, catalogue=catalogue, cost_model=cost_model,
                             gain_model=gain_model, pinned=pinned, min_size=min_size,
                             max_size=max_size, utilisation=utilisation)
