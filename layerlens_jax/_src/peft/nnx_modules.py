@@ -19,9 +19,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from layerlens_jax._src.peft import functional
+from layerlens_jax._src.peft.sharding import (lora_placements, module_placement, placed,
+                                              prefix_placement)
 from layerlens_jax._src.peft.targets import LoRATarget, nnx_lora_target
 from layerlens_jax._src.peft.tree import PEFT_PREFIX
 
@@ -74,10 +77,17 @@ def _jitted_init(init: Callable) -> Callable:
 def _init(init: Callable, key: jax.Array, shape, dtype) -> jax.Array:
     """``init(key, shape, dtype)`` as one compiled computation (eager initialisers otherwise
     compile each of their primitives separately for every new shape)."""
+    if init is _zeros:
+        return _zeros_array(shape, dtype)
     try:
         return _jitted_init(init)(key, tuple(int(d) for d in shape), jnp.dtype(dtype))
     except TypeError:  # an unhashable initialiser
         return init(key, shape, dtype)
+
+
+def _zeros_array(shape, dtype) -> jax.Array:
+    """Zeros built on the host and transferred: no compiled computation per new shape."""
+    return jnp.asarray(np.zeros(tuple(int(d) for d in shape), jnp.dtype(dtype)))
 
 
 def _site_name(site):
@@ -100,8 +110,8 @@ def lora_target_info(module: Any, site: str | None = None) -> LoRATarget:
 
 def _stacked_init(init: Callable, key: jax.Array, stack: tuple[int, ...], shape, dtype):
     """``init`` for one layer, or independently per layer (split keys) for a stacked module."""
-    if not stack:
-        return _init(init, key, shape, dtype)
+    if not stack or init is _zeros:
+        return _init(init, key, tuple(stack) + tuple(shape), dtype)
     keys = jax.random.split(key, math.prod(stack))
     flat = jax.vmap(lambda k: init(k, tuple(shape), dtype))(keys)
     return flat.reshape(tuple(stack) + tuple(shape))
@@ -147,10 +157,14 @@ class LoRA(nnx.Module):
         self.scale = functional.lora_scale(alpha, rank, use_rslora)
         self.dtype = dtype
         self.site = site
-        self.peft_lora_a = LoRAWeight(_stacked_init(a_init, rngs.params(), self.stack,
-                                                    (target.fan_in, rank), param_dtype))
-        self.peft_lora_b = LoRAWeight(_stacked_init(b_init, rngs.params(), self.stack,
-                                                    (rank, target.fan_out), param_dtype))
+        a_shape, b_shape = (target.fan_in, rank), (rank, target.fan_out)
+        a_at, b_at = lora_placements(getattr(base_module, target.kernel_name),
+                                     n_stack=len(self.stack), n_in=target.in_axes,
+                                     a_shape=self.stack + a_shape, b_shape=self.stack + b_shape)
+        self.peft_lora_a = placed(a_at, LoRAWeight, _stacked_init(a_init, rngs.params(), self.stack,
+                                                                  a_shape, param_dtype))
+        self.peft_lora_b = placed(b_at, LoRAWeight, _stacked_init(b_init, rngs.params(), self.stack,
+                                                                  b_shape, param_dtype))
         self.dropout = nnx.data(nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None)
 
     @property
@@ -222,11 +236,15 @@ class Adapter(nnx.Module):
         self.activation = activation
         self.dtype = dtype
         self.site = site
-        self.peft_adapter_down = AdapterWeight(_init(down_init, rngs.params(),
-                                                     (features, bottleneck), param_dtype))
-        self.peft_adapter_down_bias = AdapterWeight(jnp.zeros((bottleneck,), param_dtype))
-        self.peft_adapter_up = AdapterWeight(jnp.zeros((bottleneck, features), param_dtype))
-        self.peft_adapter_up_bias = AdapterWeight(jnp.zeros((features,), param_dtype))
+        at = module_placement(base_module)  # replicated on the block's mesh
+        self.peft_adapter_down = placed(at, AdapterWeight, _init(
+            down_init, rngs.params(), (features, bottleneck), param_dtype))
+        self.peft_adapter_down_bias = placed(at, AdapterWeight, _zeros_array((bottleneck,),
+                                                                             param_dtype))
+        self.peft_adapter_up = placed(at, AdapterWeight, _zeros_array((bottleneck, features),
+                                                                      param_dtype))
+        self.peft_adapter_up_bias = placed(at, AdapterWeight, _zeros_array((features,),
+                                                                           param_dtype))
 
     @property
     def size(self) -> int:
@@ -279,7 +297,8 @@ class Prefix(nnx.Module):
                  base_fn: Callable[..., jax.Array] = nnx.dot_product_attention,
                  mode: str = "parallel", reparam_hidden: int | None = None,
                  embed_features: int | None = None, key_init: Callable = _prefix_key_init,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, site: str | None = None):
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, site: str | None = None,
+                 attention: nnx.Module | None = None):
         if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
             raise ValueError(f"prefix length for {_site_name(site)} must be a positive int, "
                              f"got {length!r}")
@@ -295,20 +314,24 @@ class Prefix(nnx.Module):
         self.site = site
         shape = (length, self.num_heads, self.head_dim)
         if reparam_hidden is None:
-            self.peft_prefix_key = PrefixWeight(_init(key_init, rngs.params(), shape, param_dtype))
-            self.peft_prefix_value = PrefixWeight(jnp.zeros(shape, param_dtype))
+            at = prefix_placement(attention, self.num_heads)  # heads like the key projection's
+            self.peft_prefix_key = placed(at, PrefixWeight, _init(key_init, rngs.params(), shape,
+                                                                  param_dtype))
+            self.peft_prefix_value = placed(at, PrefixWeight, _zeros_array(shape, param_dtype))
         else:
+            at = module_placement(attention)  # replicated on the attention's mesh
             d, h = self.num_heads * self.head_dim, int(reparam_hidden)
             e = int(embed_features or d)
             init = nnx.initializers.lecun_normal()
-            self.peft_prefix_embed = PrefixWeight(_init(key_init, rngs.params(), (length, e),
-                                                      param_dtype))
-            self.peft_prefix_mlp_w1 = PrefixWeight(_init(init, rngs.params(), (e, h), param_dtype))
-            self.peft_prefix_mlp_b1 = PrefixWeight(jnp.zeros((h,), param_dtype))
+            self.peft_prefix_embed = placed(at, PrefixWeight, _init(key_init, rngs.params(),
+                                                                    (length, e), param_dtype))
+            self.peft_prefix_mlp_w1 = placed(at, PrefixWeight, _init(init, rngs.params(), (e, h),
+                                                                     param_dtype))
+            self.peft_prefix_mlp_b1 = placed(at, PrefixWeight, _zeros_array((h,), param_dtype))
             w2_keys = _init(init, rngs.params(), (h, d), param_dtype)  # value half zero: identity at init
-            self.peft_prefix_mlp_w2 = PrefixWeight(
-                jnp.concatenate([w2_keys, jnp.zeros((h, d), param_dtype)], axis=1))
-            self.peft_prefix_mlp_b2 = PrefixWeight(jnp.zeros((2 * d,), param_dtype))
+            self.peft_prefix_mlp_w2 = placed(at, PrefixWeight, jnp.concatenate(
+                [w2_keys, _zeros_array((h, d), param_dtype)], axis=1))
+            self.peft_prefix_mlp_b2 = placed(at, PrefixWeight, _zeros_array((2 * d,), param_dtype))
 
     @property
     def size(self) -> int:
