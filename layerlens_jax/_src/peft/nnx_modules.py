@@ -13,6 +13,7 @@ dispatch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable
@@ -64,9 +65,47 @@ PEFT_FILTER = PeftParam
 #: Selects the frozen base parameters.
 BASE_FILTER = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
-_default_a_init = nnx.initializers.he_uniform()
-_prefix_key_init = nnx.initializers.normal(0.02)
 _zeros = nnx.initializers.zeros
+
+#: Flat sizes drawn by a bucketed initialiser: 2**15 * 8**k, the smallest that holds the shape
+#: (a few compiles per model; drawing up to 8x the values needed costs microseconds).
+_MIN_BUCKET = 1 << 15
+_BUCKET_GROWTH = 8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BucketedInit:
+    """A default initialiser whose draws compile once per size bucket, not once per shape.
+
+    ``base(key, shape, dtype)`` is the JAX initialiser (what calling this object does). With JAX's
+    partitionable threefry (its default) element ``i`` of a random draw depends only on the key
+    and ``i``, so the first ``n`` values of a draw of size ``N >= n`` are the draw of size ``n``:
+    :func:`_init` draws ``noise(key, (N,)) * factor`` in a program compiled once per noise and
+    bucket ``N`` (the factor a runtime scalar) and keeps the first ``n`` values: equal bit for bit
+    to ``jax.jit(base)`` (tested).
+    """
+
+    # the JAX initialiser this stands for
+    base: Callable = dataclasses.field(compare=False)
+    # "uniform": U(-1, 1) times sqrt(3 * scale / fan_in) (He / variance scaling, 2-D shapes);
+    # "normal": N(0, 1) times ``scale`` (a fixed standard deviation)
+    noise: str
+    # the variance scale (uniform) or the standard deviation (normal)
+    scale: float
+
+    def __call__(self, key, shape, dtype=jnp.float32):
+        return self.base(key, shape, dtype)
+
+    def factor(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """The scalar ``base`` multiplies its unit noise by, computed in ``dtype`` as JAX does."""
+        if self.noise == "normal":
+            return np.asarray(self.scale, dtype)
+        variance = np.asarray(self.scale / shape[-2], dtype)  # fan_in of a 2-D kernel
+        return np.sqrt(np.asarray(3, dtype) * variance)
+
+
+_default_a_init = BucketedInit(base=nnx.initializers.he_uniform(), noise="uniform", scale=2.0)
+_prefix_key_init = BucketedInit(base=nnx.initializers.normal(0.02), noise="normal", scale=0.02)
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,20 +113,49 @@ def _jitted_init(init: Callable) -> Callable:
     return jax.jit(init, static_argnums=(1, 2))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _scaled_noise(key: jax.Array, noise: str, size: int, dtype, factor: jax.Array) -> jax.Array:
+    """``size`` draws of unit noise times ``factor``, the product taken in the same compiled
+    program as the draws, as the JAX initialiser's (XLA may fuse it: results follow the program)."""
+    if noise == "uniform":
+        unit = jax.random.uniform(key, (size,), dtype, -1.0)
+    else:
+        unit = jax.random.normal(key, (size,), dtype)
+    return unit * factor
+
+
+def _bucketed(init: BucketedInit, key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    n = math.prod(shape)
+    size = _MIN_BUCKET
+    while size < n:
+        size *= _BUCKET_GROWTH
+    flat = _scaled_noise(key, init.noise, size, dtype, init.factor(shape, dtype))
+    if isinstance(flat, jax.core.Tracer):  # under jit / eval_shape: slice in the traced program
+        return flat[:n].reshape(shape)
+    return jax.device_put(np.asarray(flat)[:n].reshape(shape))
+
+
 def _init(init: Callable, key: jax.Array, shape, dtype) -> jax.Array:
     """``init(key, shape, dtype)`` as one compiled computation (eager initialisers otherwise
-    compile each of their primitives separately for every new shape)."""
+    compile each of their primitives separately for every new shape); the library's default
+    initialisers compile once per size bucket (:class:`BucketedInit`), zeros not at all."""
+    shape, dtype = tuple(int(d) for d in shape), jnp.dtype(dtype)
     if init is _zeros:
         return _zeros_array(shape, dtype)
+    if (isinstance(init, BucketedInit) and dtype == jnp.float32
+            and (len(shape) == 2 or init.noise == "normal")
+            and jax.config.jax_threefry_partitionable):
+        return _bucketed(init, key, shape, dtype)
     try:
-        return _jitted_init(init)(key, tuple(int(d) for d in shape), jnp.dtype(dtype))
+        return _jitted_init(init)(key, shape, dtype)
     except TypeError:  # an unhashable initialiser
         return init(key, shape, dtype)
 
 
 def _zeros_array(shape, dtype) -> jax.Array:
-    """Zeros built on the host and transferred: no compiled computation per new shape."""
-    return jnp.asarray(np.zeros(tuple(int(d) for d in shape), jnp.dtype(dtype)))
+    """Zeros built on the host and transferred: no compiled computation per new shape
+    (``jax.device_put``; ``jnp.asarray`` of a host array compiles a copy per shape)."""
+    return jax.device_put(np.zeros(tuple(int(d) for d in shape), jnp.dtype(dtype)))
 
 
 def _site_name(site):
