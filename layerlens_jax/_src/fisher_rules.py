@@ -43,10 +43,39 @@ from flax import nnx
 from layerlens_jax._src.sites import (Site, flatten_paths, get_submodule, join_path,
                                       set_submodule)
 
-__all__ = ["DenseRule", "EmbedRule", "LocalVJPRule", "TappedModel", "is_under", "tap_linen",
+__all__ = ["DEFAULT_TAP_PRECISION", "TAP_PRECISIONS", "DenseRule", "EmbedRule", "LocalVJPRule", "TappedModel", "is_under", "tap_linen",
            "tap_nnx"]
 
-_HIGHEST = jax.lax.Precision.HIGHEST
+def _to_bfloat16(a):
+    return a.astype(jnp.bfloat16)
+
+
+def _unchanged(a):
+    return a
+
+
+#: Precision of the taps' dense products: ``name -> (operand cast, lax precision)`` (float32
+#: accumulation always). JAX's meaning per backend: "highest" exact float32 everywhere; "high"
+#: TF32 on NVIDIA GPUs, three bf16 passes on TPU, exact on CPU; "default" the backend's fastest
+#: float32 product (one bf16 pass on TPU; TF32 or exact on GPU; exact on CPU); "bfloat16" bf16
+#: operands on every backend (fastest, about 1e-3 relative error: above the bound, an option).
+TAP_PRECISIONS: dict[str, tuple[Callable, Any]] = {
+    "highest": (_unchanged, jax.lax.Precision.HIGHEST),
+    "high": (_unchanged, jax.lax.Precision.HIGH),
+    "default": (_unchanged, jax.lax.Precision.DEFAULT),
+    "bfloat16": (_to_bfloat16, jax.lax.Precision.DEFAULT),
+}
+#: The default: the fastest mode within 1e-3 relative of the exact Fisher traces on every backend
+#: (TF32 on GPU; tests/test_profile_precision.py emulates TF32 rounding on CPU to check the bound).
+DEFAULT_TAP_PRECISION = "high"
+
+
+def check_tap_precision(precision: str) -> str:
+    """``precision`` if it names a row of :data:`TAP_PRECISIONS`, else ``ValueError``."""
+    if precision not in TAP_PRECISIONS:
+        raise ValueError(f"profile precision must be one of {sorted(TAP_PRECISIONS)}, "
+                         f"got {precision!r}")
+    return precision
 
 
 # ------------------------------------------------------------------------------ per-unit rules
@@ -63,6 +92,7 @@ class DenseRule:
     d_in: int  # input features (product of the contracted kernel axes)
     d_out: int  # output features (product of the remaining kernel axes)
     has_bias: bool  # the unit owns a bias, which adds ‖Σₜ gₜ‖²
+    precision: str = DEFAULT_TAP_PRECISION  # a key of TAP_PRECISIONS (the products' precision)
 
     def sq_norms(self, x, g, aux):
         """(B,) squared norms of the per-example kernel (and bias) gradients."""
@@ -71,12 +101,19 @@ class DenseRule:
         xs = _as_f32(x).reshape(b, -1, self.d_in)
         gs = _as_f32(g).reshape(b, -1, self.d_out)
         t = xs.shape[1]
+        cast, precision = TAP_PRECISIONS[self.precision]
+        xo, go = cast(xs), cast(gs)
+
+        def product(spec, a, c):
+            return jnp.einsum(spec, a, c, precision=precision,
+                              preferred_element_type=jnp.float32)
+
         if t * (self.d_in + self.d_out) <= self.d_in * self.d_out:
-            xx = jnp.einsum("btd,bsd->bts", xs, xs, precision=_HIGHEST)
-            gg = jnp.einsum("bte,bse->bts", gs, gs, precision=_HIGHEST)
+            xx = product("btd,bsd->bts", xo, xo)
+            gg = product("bte,bse->bts", go, go)
             sq = jnp.sum(xx * gg, axis=(1, 2))
         else:
-            w = jnp.einsum("btd,bte->bde", xs, gs, precision=_HIGHEST)
+            w = product("btd,bte->bde", xo, go)
             sq = jnp.sum(w * w, axis=(1, 2))
         if self.has_bias:
             sq = sq + jnp.sum(jnp.sum(gs, axis=1) ** 2, axis=-1)
@@ -253,7 +290,7 @@ def _own_state_nnx(module):
     return {k: getattr(module, k).value for k in _own_param_names_nnx(module)}
 
 
-def _rule_for_nnx(module, own) -> Any:
+def _rule_for_nnx(module, own, precision: str = DEFAULT_TAP_PRECISION) -> Any:
     shapes = {k: tuple(getattr(module, k).value.shape) for k in own}
     if isinstance(module, (nnx.Linear, nnx.LinearGeneral)) and set(own) <= {"kernel", "bias"} \
             and "kernel" in own:
@@ -261,7 +298,7 @@ def _rule_for_nnx(module, own) -> Any:
         n_in = 1 if isinstance(module, nnx.Linear) else len(module.axis)
         if isinstance(module, nnx.Linear) or (_trailing(module.axis) and not module.batch_axis):
             return DenseRule(d_in=math.prod(k[:n_in]), d_out=math.prod(k[n_in:]),
-                             has_bias="bias" in own)
+                             has_bias="bias" in own, precision=precision)
     if isinstance(module, nnx.Embed) and own == ["embedding"]:
         return EmbedRule()
     graphdef, _, rest = nnx.split(module, lambda p, v: isinstance(v, nnx.Param) and len(p) == 1
@@ -273,21 +310,23 @@ def _rule_for_nnx(module, own) -> Any:
     return LocalVJPRule(apply)
 
 
-def _nnx_units(model: nnx.Module, sites: list[Site]) -> dict[str, _Unit]:
+def _nnx_units(model: nnx.Module, sites: list[Site], precision: str) -> dict[str, _Unit]:
     units = {}
     for parts, module in nnx.iter_modules(model):
         path = join_path(parts)
         own = _own_param_names_nnx(module)
         if not own or not any(is_under(path, s.path) for s in sites):
             continue
-        units[path] = _Unit(path=path, rule=_rule_for_nnx(module, own),
+        units[path] = _Unit(path=path, rule=_rule_for_nnx(module, own, precision),
                             param_paths=tuple(_child(path, k) for k in own))
     return units
 
 
-def tap_nnx(model: nnx.Module, sites: list[Site]) -> TappedModel:
-    """Split an NNX model; its forward pass swaps every unit under ``sites`` for a tap."""
-    units = _nnx_units(model, sites)
+def tap_nnx(model: nnx.Module, sites: list[Site], *,
+            precision: str = DEFAULT_TAP_PRECISION) -> TappedModel:
+    """Split an NNX model; its forward pass swaps every unit under ``sites`` for a tap
+    (``precision``: of the dense taps' products, a key of :data:`TAP_PRECISIONS`)."""
+    units = _nnx_units(model, sites, check_tap_precision(precision))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_paths = tuple(flatten_paths(params.to_pure_dict()).keys())
     covered = {p for u in units.values() for p in u.param_paths}
@@ -320,17 +359,18 @@ def _subtree(tree, path):
     return tree
 
 
-def _rule_for_linen(mod: nn.Module, own: list[str], sub: Mapping) -> Any:
+def _rule_for_linen(mod: nn.Module, own: list[str], sub: Mapping,
+                    precision: str = DEFAULT_TAP_PRECISION) -> Any:
     """The rule of a bound Linen unit owning parameters ``own`` within its subtree ``sub``."""
     if isinstance(mod, nn.Dense) and set(own) <= {"kernel", "bias"}:
         k = sub["kernel"].shape
-        return DenseRule(d_in=k[0], d_out=k[1], has_bias="bias" in own)
+        return DenseRule(d_in=k[0], d_out=k[1], has_bias="bias" in own, precision=precision)
     if isinstance(mod, nn.DenseGeneral) and set(own) <= {"kernel", "bias"} \
             and _trailing(mod.axis) and not mod.batch_dims:
         k = sub["kernel"].shape
         n_in = len(mod.axis) if isinstance(mod.axis, (tuple, list)) else 1
         return DenseRule(d_in=math.prod(k[:n_in]), d_out=math.prod(k[n_in:]),
-                         has_bias="bias" in own)
+                         has_bias="bias" in own, precision=precision)
     if isinstance(mod, nn.Embed) and own == ["embedding"]:
         return EmbedRule()
     clone = mod.clone(parent=None)
@@ -342,12 +382,15 @@ def _rule_for_linen(mod: nn.Module, own: list[str], sub: Mapping) -> Any:
     return LocalVJPRule(apply)
 
 
-def tap_linen(module: nn.Module, variables: Mapping, sites: list[Site]) -> TappedModel:
-    """Split Linen variables; the forward pass taps every unit under ``sites`` by interception.
+def tap_linen(module: nn.Module, variables: Mapping, sites: list[Site], *,
+              precision: str = DEFAULT_TAP_PRECISION) -> TappedModel:
+    """Split Linen variables; the forward pass taps every unit under ``sites`` by interception
+    (``precision`` as for :func:`tap_nnx`).
 
     Units are the modules owning parameter leaves directly; their rules are chosen on first call
     (Linen binds submodules only then). A unit never called through ``__call__`` is an error.
     """
+    check_tap_precision(precision)
     params0 = variables["params"]
     rest0 = {k: v for k, v in variables.items() if k != "params"}
     param_paths = tuple(flatten_paths(params0).keys())
@@ -362,7 +405,8 @@ def tap_linen(module: nn.Module, variables: Mapping, sites: list[Site]) -> Tappe
     def rule_for(mod, path):
         if path not in units:
             own = sorted(owners[path])
-            units[path] = _Unit(path=path, rule=_rule_for_linen(mod, own, _subtree(params0, path)),
+            rule = _rule_for_linen(mod, own, _subtree(params0, path), precision)
+            units[path] = _Unit(path=path, rule=rule,
                                 param_paths=tuple(_child(path, k) for k in own))
         return units[path].rule
 

@@ -237,7 +237,7 @@ def apply_plan(model: Any, plan: Any, *, inplace: bool = False, example: Any = N
                 size, info["num_heads"], info["head_dim"], base_fn=module.attention_fn,
                 mode=opts.prefix_mode, reparam_hidden=opts.prefix_reparam_hidden,
                 embed_features=getattr(module, "in_features", None),
-                param_dtype=opts.param_dtype, rngs=rngs, site=site))
+                param_dtype=opts.param_dtype, rngs=rngs, site=site, attention=module))
     return target
 
 

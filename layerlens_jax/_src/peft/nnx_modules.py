@@ -13,15 +13,19 @@ dispatch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from layerlens_jax._src.peft import functional
+from layerlens_jax._src.peft.sharding import (lora_placements, module_placement, placed,
+                                              prefix_placement)
 from layerlens_jax._src.peft.targets import LoRATarget, nnx_lora_target
 from layerlens_jax._src.peft.tree import PEFT_PREFIX
 
@@ -61,9 +65,47 @@ PEFT_FILTER = PeftParam
 #: Selects the frozen base parameters.
 BASE_FILTER = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
-_default_a_init = nnx.initializers.he_uniform()
-_prefix_key_init = nnx.initializers.normal(0.02)
 _zeros = nnx.initializers.zeros
+
+#: Flat sizes drawn by a bucketed initialiser: 2**15 * 8**k, the smallest that holds the shape
+#: (a few compiles per model; drawing up to 8x the values needed costs microseconds).
+_MIN_BUCKET = 1 << 15
+_BUCKET_GROWTH = 8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BucketedInit:
+    """A default initialiser whose draws compile once per size bucket, not once per shape.
+
+    ``base(key, shape, dtype)`` is the JAX initialiser (what calling this object does). With JAX's
+    partitionable threefry (its default) element ``i`` of a random draw depends only on the key
+    and ``i``, so the first ``n`` values of a draw of size ``N >= n`` are the draw of size ``n``:
+    :func:`_init` draws ``noise(key, (N,)) * factor`` in a program compiled once per noise and
+    bucket ``N`` (the factor a runtime scalar) and keeps the first ``n`` values: equal bit for bit
+    to ``jax.jit(base)`` (tested).
+    """
+
+    # the JAX initialiser this stands for
+    base: Callable = dataclasses.field(compare=False)
+    # "uniform": U(-1, 1) times sqrt(3 * scale / fan_in) (He / variance scaling, 2-D shapes);
+    # "normal": N(0, 1) times ``scale`` (a fixed standard deviation)
+    noise: str
+    # the variance scale (uniform) or the standard deviation (normal)
+    scale: float
+
+    def __call__(self, key, shape, dtype=jnp.float32):
+        return self.base(key, shape, dtype)
+
+    def factor(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """The scalar ``base`` multiplies its unit noise by, computed in ``dtype`` as JAX does."""
+        if self.noise == "normal":
+            return np.asarray(self.scale, dtype)
+        variance = np.asarray(self.scale / shape[-2], dtype)  # fan_in of a 2-D kernel
+        return np.sqrt(np.asarray(3, dtype) * variance)
+
+
+_default_a_init = BucketedInit(base=nnx.initializers.he_uniform(), noise="uniform", scale=2.0)
+_prefix_key_init = BucketedInit(base=nnx.initializers.normal(0.02), noise="normal", scale=0.02)
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,13 +113,49 @@ def _jitted_init(init: Callable) -> Callable:
     return jax.jit(init, static_argnums=(1, 2))
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _scaled_noise(key: jax.Array, noise: str, size: int, dtype, factor: jax.Array) -> jax.Array:
+    """``size`` draws of unit noise times ``factor``, the product taken in the same compiled
+    program as the draws, as the JAX initialiser's (XLA may fuse it: results follow the program)."""
+    if noise == "uniform":
+        unit = jax.random.uniform(key, (size,), dtype, -1.0)
+    else:
+        unit = jax.random.normal(key, (size,), dtype)
+    return unit * factor
+
+
+def _bucketed(init: BucketedInit, key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    n = math.prod(shape)
+    size = _MIN_BUCKET
+    while size < n:
+        size *= _BUCKET_GROWTH
+    flat = _scaled_noise(key, init.noise, size, dtype, init.factor(shape, dtype))
+    if isinstance(flat, jax.core.Tracer):  # under jit / eval_shape: slice in the traced program
+        return flat[:n].reshape(shape)
+    return jax.device_put(np.asarray(flat)[:n].reshape(shape))
+
+
 def _init(init: Callable, key: jax.Array, shape, dtype) -> jax.Array:
     """``init(key, shape, dtype)`` as one compiled computation (eager initialisers otherwise
-    compile each of their primitives separately for every new shape)."""
+    compile each of their primitives separately for every new shape); the library's default
+    initialisers compile once per size bucket (:class:`BucketedInit`), zeros not at all."""
+    shape, dtype = tuple(int(d) for d in shape), jnp.dtype(dtype)
+    if init is _zeros:
+        return _zeros_array(shape, dtype)
+    if (isinstance(init, BucketedInit) and dtype == jnp.float32
+            and (len(shape) == 2 or init.noise == "normal")
+            and jax.config.jax_threefry_partitionable):
+        return _bucketed(init, key, shape, dtype)
     try:
-        return _jitted_init(init)(key, tuple(int(d) for d in shape), jnp.dtype(dtype))
+        return _jitted_init(init)(key, shape, dtype)
     except TypeError:  # an unhashable initialiser
         return init(key, shape, dtype)
+
+
+def _zeros_array(shape, dtype) -> jax.Array:
+    """Zeros built on the host and transferred: no compiled computation per new shape
+    (``jax.device_put``; ``jnp.asarray`` of a host array compiles a copy per shape)."""
+    return jax.device_put(np.zeros(tuple(int(d) for d in shape), jnp.dtype(dtype)))
 
 
 def _site_name(site):
@@ -100,8 +178,8 @@ def lora_target_info(module: Any, site: str | None = None) -> LoRATarget:
 
 def _stacked_init(init: Callable, key: jax.Array, stack: tuple[int, ...], shape, dtype):
     """``init`` for one layer, or independently per layer (split keys) for a stacked module."""
-    if not stack:
-        return _init(init, key, shape, dtype)
+    if not stack or init is _zeros:
+        return _init(init, key, tuple(stack) + tuple(shape), dtype)
     keys = jax.random.split(key, math.prod(stack))
     flat = jax.vmap(lambda k: init(k, tuple(shape), dtype))(keys)
     return flat.reshape(tuple(stack) + tuple(shape))
@@ -147,10 +225,14 @@ class LoRA(nnx.Module):
         self.scale = functional.lora_scale(alpha, rank, use_rslora)
         self.dtype = dtype
         self.site = site
-        self.peft_lora_a = LoRAWeight(_stacked_init(a_init, rngs.params(), self.stack,
-                                                    (target.fan_in, rank), param_dtype))
-        self.peft_lora_b = LoRAWeight(_stacked_init(b_init, rngs.params(), self.stack,
-                                                    (rank, target.fan_out), param_dtype))
+        a_shape, b_shape = (target.fan_in, rank), (rank, target.fan_out)
+        a_at, b_at = lora_placements(getattr(base_module, target.kernel_name),
+                                     n_stack=len(self.stack), n_in=target.in_axes,
+                                     a_shape=self.stack + a_shape, b_shape=self.stack + b_shape)
+        self.peft_lora_a = placed(a_at, LoRAWeight, _stacked_init(a_init, rngs.params(), self.stack,
+                                                                  a_shape, param_dtype))
+        self.peft_lora_b = placed(b_at, LoRAWeight, _stacked_init(b_init, rngs.params(), self.stack,
+                                                                  b_shape, param_dtype))
         self.dropout = nnx.data(nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None)
 
     @property
@@ -222,11 +304,15 @@ class Adapter(nnx.Module):
         self.activation = activation
         self.dtype = dtype
         self.site = site
-        self.peft_adapter_down = AdapterWeight(_init(down_init, rngs.params(),
-                                                     (features, bottleneck), param_dtype))
-        self.peft_adapter_down_bias = AdapterWeight(jnp.zeros((bottleneck,), param_dtype))
-        self.peft_adapter_up = AdapterWeight(jnp.zeros((bottleneck, features), param_dtype))
-        self.peft_adapter_up_bias = AdapterWeight(jnp.zeros((features,), param_dtype))
+        at = module_placement(base_module)  # replicated on the block's mesh
+        self.peft_adapter_down = placed(at, AdapterWeight, _init(
+            down_init, rngs.params(), (features, bottleneck), param_dtype))
+        self.peft_adapter_down_bias = placed(at, AdapterWeight, _zeros_array((bottleneck,),
+                                                                             param_dtype))
+        self.peft_adapter_up = placed(at, AdapterWeight, _zeros_array((bottleneck, features),
+                                                                      param_dtype))
+        self.peft_adapter_up_bias = placed(at, AdapterWeight, _zeros_array((features,),
+                                                                           param_dtype))
 
     @property
     def size(self) -> int:
@@ -279,7 +365,8 @@ class Prefix(nnx.Module):
                  base_fn: Callable[..., jax.Array] = nnx.dot_product_attention,
                  mode: str = "parallel", reparam_hidden: int | None = None,
                  embed_features: int | None = None, key_init: Callable = _prefix_key_init,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, site: str | None = None):
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs, site: str | None = None,
+                 attention: nnx.Module | None = None):
         if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
             raise ValueError(f"prefix length for {_site_name(site)} must be a positive int, "
                              f"got {length!r}")
@@ -295,20 +382,24 @@ class Prefix(nnx.Module):
         self.site = site
         shape = (length, self.num_heads, self.head_dim)
         if reparam_hidden is None:
-            self.peft_prefix_key = PrefixWeight(_init(key_init, rngs.params(), shape, param_dtype))
-            self.peft_prefix_value = PrefixWeight(jnp.zeros(shape, param_dtype))
+            at = prefix_placement(attention, self.num_heads)  # heads like the key projection's
+            self.peft_prefix_key = placed(at, PrefixWeight, _init(key_init, rngs.params(), shape,
+                                                                  param_dtype))
+            self.peft_prefix_value = placed(at, PrefixWeight, _zeros_array(shape, param_dtype))
         else:
+            at = module_placement(attention)  # replicated on the attention's mesh
             d, h = self.num_heads * self.head_dim, int(reparam_hidden)
             e = int(embed_features or d)
             init = nnx.initializers.lecun_normal()
-            self.peft_prefix_embed = PrefixWeight(_init(key_init, rngs.params(), (length, e),
-                                                      param_dtype))
-            self.peft_prefix_mlp_w1 = PrefixWeight(_init(init, rngs.params(), (e, h), param_dtype))
-            self.peft_prefix_mlp_b1 = PrefixWeight(jnp.zeros((h,), param_dtype))
+            self.peft_prefix_embed = placed(at, PrefixWeight, _init(key_init, rngs.params(),
+                                                                    (length, e), param_dtype))
+            self.peft_prefix_mlp_w1 = placed(at, PrefixWeight, _init(init, rngs.params(), (e, h),
+                                                                     param_dtype))
+            self.peft_prefix_mlp_b1 = placed(at, PrefixWeight, _zeros_array((h,), param_dtype))
             w2_keys = _init(init, rngs.params(), (h, d), param_dtype)  # value half zero: identity at init
-            self.peft_prefix_mlp_w2 = PrefixWeight(
-                jnp.concatenate([w2_keys, jnp.zeros((h, d), param_dtype)], axis=1))
-            self.peft_prefix_mlp_b2 = PrefixWeight(jnp.zeros((2 * d,), param_dtype))
+            self.peft_prefix_mlp_w2 = placed(at, PrefixWeight, jnp.concatenate(
+                [w2_keys, _zeros_array((h, d), param_dtype)], axis=1))
+            self.peft_prefix_mlp_b2 = placed(at, PrefixWeight, _zeros_array((2 * d,), param_dtype))
 
     @property
     def size(self) -> int:

@@ -40,6 +40,8 @@ class LoRATarget:
     kernel_shape: tuple[int, ...]
     # leading axes of a module built under nnx.vmap (() for an ordinary module)
     stack: tuple[int, ...]
+    # how many per-layer kernel axes (after the stack) flatten into fan_in; the rest are outputs
+    in_axes: int = 1
     # static keyword arguments of the kind's delta function, as (name, value) pairs
     delta_args: tuple[tuple[str, Any], ...] = ()
 
@@ -113,16 +115,17 @@ def conv_padding(padding: Any, rank: int) -> str | tuple[tuple[int, int], ...]:
 
 
 def _target(kind: str, where: str, full_shape: Sequence[int], layer_rank: int, fan_in: int,
-            fan_out: int, /, **delta_args) -> LoRATarget:
+            fan_out: int, /, in_axes: int = 1, **delta_args) -> LoRATarget:
     """A checked :class:`LoRATarget`: ``full_shape`` is the variable's shape, of which the last
-    ``layer_rank`` axes are one layer's kernel (the rest are stack axes)."""
+    ``layer_rank`` axes are one layer's kernel (the rest are stack axes), its first ``in_axes``
+    axes the inputs."""
     shape = tuple(int(d) for d in full_shape)
     name = LORA_KINDS[kind].kernel_name
     if len(shape) < layer_rank:
         raise ValueError(f"LoRA on {where}: {name} shape {shape} is inconsistent with the module")
     return LoRATarget(kind=kind, fan_in=int(fan_in), fan_out=int(fan_out), kernel_name=name,
                       kernel_shape=shape, stack=shape[: len(shape) - layer_rank],
-                      delta_args=tuple(sorted(delta_args.items())))
+                      in_axes=int(in_axes), delta_args=tuple(sorted(delta_args.items())))
 
 
 def _as_tuple(v: Any, n: int | None = None) -> tuple:
@@ -150,7 +153,7 @@ def _nnx_general(m, where, shape):
         raise ValueError(f"LoRA on {where}: LinearGeneral with batch_axis is not supported")
     return _target("general", where, shape, len(m.in_features) + len(m.out_features),
                    math.prod(m.in_features), math.prod(m.out_features),
-                   axis=tuple(m.axis), out_shape=tuple(m.out_features))
+                   in_axes=len(m.in_features), axis=tuple(m.axis), out_shape=tuple(m.out_features))
 
 
 def _linen_general(m, where, shape):
@@ -160,7 +163,7 @@ def _linen_general(m, where, shape):
     n_out, n_in = len(feats), len(axis)
     in_shape = shape[len(shape) - n_out - n_in: len(shape) - n_out]
     return _target("general", where, shape, n_in + n_out, math.prod(in_shape), math.prod(feats),
-                   axis=axis, out_shape=feats)
+                   in_axes=n_in, axis=axis, out_shape=feats)
 
 
 def _einsum(kernel_shape_attr: str):
@@ -201,14 +204,15 @@ def _nnx_conv(m, where, shape):
     ks = _as_tuple(m.kernel_size)
     args = _conv_args(m, where, len(ks))
     return _target("conv", where, shape, len(ks) + 2, math.prod(ks) * m.in_features,
-                   m.out_features, **args)
+                   m.out_features, in_axes=len(ks) + 1, **args)
 
 
 def _linen_conv(m, where, shape):
     ks = _as_tuple(m.kernel_size)
     args = _conv_args(m, where, len(ks))
     n = len(ks)
-    return _target("conv", where, shape, n + 2, math.prod(shape[-(n + 2):-1]), shape[-1], **args)
+    return _target("conv", where, shape, n + 2, math.prod(shape[-(n + 2):-1]), shape[-1],
+                   in_axes=n + 1, **args)
 
 
 #: The LoRA target table: every module kind LoRA wraps, for NNX and Linen, in lookup order.
