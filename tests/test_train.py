@@ -13,7 +13,7 @@ from layerlens_jax._src.peft import (BASE_FILTER, PEFT_FILTER, apply_plan, count
                                 init_adapters, optax_labels, partition_params)
 from layerlens_jax._src.train import (linen_variables, make_functional_train_step,
                                  make_linen_train_step, make_optimizer, make_train_step, masked_tx,
-                                 reduce_loss, write_back)
+                                 matmul_flops, reduce_loss, write_back)
 
 CFG = BertConfig.tiny()
 L0 = "encoder/layers_0"
@@ -185,3 +185,107 @@ def test_train_step_rejects_tuple_without_has_aux_and_integer_loss(factory):
     metrics = build(lambda m, b: (mse(m, b), {"n": 3}), has_aux=True)()
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
     assert int(metrics["aux"]["n"]) == 3
+
+
+# ------------------------------------------------------------------------- the pipeline loop
+
+
+def _tiny_prepared(steps: int, eval_every: int):
+    from layerlens_jax.app.config import load_config
+    from layerlens_jax.app.pipeline import Prepared
+
+    cfg = load_config("configs/tiny.toml", {"train.steps": steps, "train.eval_every": eval_every,
+                                            "data.batch_size": 16, "data.eval_batch_size": 8})
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        ids = rng.integers(1, CFG.vocab_size, (n, 8)).astype(np.int32)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "token_type_ids": np.zeros_like(ids),
+                "labels": rng.integers(0, CFG.num_labels, n).astype(np.int32)}
+
+    arrays = {"train": split(40), "validation": split(10), "test": split(11)}
+    return Prepared(cfg=cfg, label_names=("a", "b", "c"), arrays=arrays, model_config=CFG,
+                    build_model=lambda seed: BertClassifier(CFG, rngs=nnx.Rngs(seed)),
+                    sizes={k: len(v["labels"]) for k, v in arrays.items()})
+
+
+def _reference_loop(prep, variant, plan, seed):
+    """The training loop as it was before prefetching: numpy batches of ``iterate_batches``
+    epoch after epoch (drop_remainder), every step's loss kept, the mean of the last eval_every
+    losses at each curve point."""
+    from layerlens_jax.app import pipeline
+    from layerlens_jax.app.data import iterate_batches
+
+    cfg = prep.cfg
+    model, wrt = pipeline.build_variant(prep, variant, plan, seed)
+    tx = optax.adamw(pipeline._schedule(cfg, pipeline._lr(cfg, variant)),
+                     weight_decay=cfg.train.weight_decay)
+    step, state = make_functional_train_step(model, tx, pipeline._mean_loss, wrt=wrt)
+    batches = (b for epoch in range(100) for b in iterate_batches(
+        prep.arrays["train"], cfg.data.batch_size, seed=seed, epoch=epoch, drop_remainder=True))
+    losses, means = [], []
+    for i, batch in zip(range(cfg.train.steps), batches):
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+        if (i + 1) % cfg.train.eval_every == 0 or i + 1 == cfg.train.steps:
+            means.append(float(np.mean(jax.device_get(losses[-cfg.train.eval_every:]))))
+    write_back(model, state)
+    return means, model
+
+
+@pytest.mark.parametrize("variant", ["uniform_lora", "full"])
+def test_pipeline_loop_bit_identical_to_plain_loop(variant):
+    """The prefetching loop of train_variant gives the same curve losses and the same trained
+    parameters, bit for bit, as a plain loop over host batches (7 steps over 2-batch epochs; the
+    last curve window overlaps the previous one)."""
+    from layerlens_jax._src.plan import Plan, uniform_assignments
+    from layerlens_jax.app.pipeline import adaptable_sites, train_variant
+
+    prep = _tiny_prepared(steps=7, eval_every=3)
+    plan = None
+    if variant != "full":
+        sites = adaptable_sites(prep.build_model(0), prep)
+        plan = Plan.from_assignments(sites, uniform_assignments(sites, "lora", 2,
+                                                                ("query", "value")))
+    means, ref_model = _reference_loop(prep, variant, plan, seed=3)
+    r = train_variant(prep, variant, plan, 3, progress=False, keep_model=True)
+    assert [p.step for p in r.curve] == [3, 6, 7]
+    assert [p.train_loss for p in r.curve] == means
+    assert bits(nnx.state(r.model, nnx.Param)) == bits(nnx.state(ref_model, nnx.Param))
+
+
+# ---------------------------------------------------------------------------------- work
+
+
+def test_matmul_flops_of_lora_and_full_steps_match_the_shape_formula():
+    """Matmul work of a train step from the traced shapes, against the hand count for a tiny
+    encoder at batch 8 x 6 tokens: H=16, FFN 32, 2 layers, 2 heads, 3 classes."""
+    b, t, h, f, layers, c, r = 8, 6, 16, 32, 2, 3, 2
+    n = b * t
+    ids = jnp.ones((b, t), jnp.int32)
+    data = {"input_ids": ids, "attention_mask": jnp.ones_like(ids),
+            "labels": jnp.zeros((b,), jnp.int32)}
+    dense_layer = 4 * h * h + 2 * h * f  # q, k, v, o + FFN in / out kernels of one layer
+    attention_layer = 2 * (2 * b * t * t * h)  # scores Q K^T and probabilities x V
+    forward = layers * (2 * n * dense_layer + attention_layer) + 2 * b * (h * h + h * c)
+    # full fine-tuning: forward, input gradients of everything above the embeddings, and a
+    # weight gradient per kernel (the same work as the forward matmuls)
+    full_model = BertClassifier(CFG, rngs=nnx.Rngs(0))
+    step, s = make_functional_train_step(full_model, optax.sgd(0.1), per_example_loss,
+                                         wrt=nnx.Param, donate=False)
+    full = matmul_flops(step.jitted, s.trainable, s.opt_state, s.other, s.step, s.frozen, data)
+    assert full == 3 * forward
+    # LoRA r on query of layer 0 only: forward + the factors' work; input gradients only where
+    # the factors lie below (layer 0 from its query up, all of layer 1, the head); no kernel
+    # weight gradient at all
+    model = apply_plan(BertClassifier(CFG, rngs=nnx.Rngs(0)),
+                       {f"{L0}/attention/mha/query": ("lora", r)})
+    step, s = make_functional_train_step(model, optax.sgd(0.1), per_example_loss, donate=False)
+    lora = matmul_flops(step.jitted, s.trainable, s.opt_state, s.other, s.step, s.frozen, data)
+    attention_matmul = 2 * b * t * t * h
+    factors = 2 * n * r * h * 2 + 3 * (2 * n * r * h)  # x A, (x A) B; dB, d(x A), dA
+    layer0_back = 2 * attention_matmul + 2 * n * (h * h + 2 * h * f)  # dQ, dP; out, FFN
+    layer1_back = 2 * n * dense_layer + 2 * attention_layer  # every input gradient
+    head_back = 2 * b * (h * h + h * c)
+    assert lora == forward + factors + layer0_back + layer1_back + head_back

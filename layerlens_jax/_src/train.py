@@ -21,9 +21,11 @@ Three step factories:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
@@ -44,6 +46,7 @@ __all__ = [
     "make_linen_train_step",
     "linen_variables",
     "reduce_loss",
+    "matmul_flops",
 ]
 
 
@@ -218,3 +221,56 @@ def make_linen_train_step(module: nn.Module, variables: Mapping, tx: optax.Gradi
 def linen_variables(state: LinenTrainState) -> dict:
     """The full Linen variables (base + trained adapters) of a :class:`LinenTrainState`."""
     return {**state.other, "params": combine_params(state.trainable, state.frozen)}
+
+
+# ------------------------------------------------------------------------------------ work
+
+
+def _dot_flops(eqn) -> int:
+    """2 x multiply-adds of one ``dot_general``: 2 * prod(lhs shape) * prod(rhs free dims)."""
+    lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+    (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+    free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+    return 2 * math.prod(lhs) * math.prod(free)
+
+
+def _conv_flops(eqn) -> int:
+    """2 x multiply-adds of one ``conv_general_dilated``: 2 * output elements * kernel elements
+    per output feature (spatial x input features / groups)."""
+    rhs = eqn.invars[1].aval.shape
+    out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+    per_output = math.prod(rhs) // rhs[out_feature_dim]
+    return 2 * math.prod(eqn.outvars[0].aval.shape) * per_output
+
+
+def _jaxpr_flops(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            total += _dot_flops(eqn)
+        elif name == "conv_general_dilated":
+            total += _conv_flops(eqn)
+        elif name == "cond":  # the most expensive branch
+            total += max(_jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
+        else:
+            times = eqn.params.get("length", 1) if name == "scan" else 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                total += times * _jaxpr_flops(sub)
+    return total
+
+
+def matmul_flops(fn: Callable, *args, **kwargs) -> int:
+    """The matrix-multiply FLOPs of one call ``fn(*args, **kwargs)``, counted from the shapes of
+    its traced program (no compilation, the same number on every device).
+
+    Every ``dot_general`` counts ``2 * batch * M * N * K`` (a multiply and an add per term), every
+    convolution ``2 * output elements * kernel elements per output``; scans count ``length``
+    times, a ``cond`` its most expensive branch, a ``while`` body once. Elementwise work (softmax,
+    normalisation, activations, the optimizer update) is not counted. For a train step this is the
+    work autodiff actually asks for: the forward matmuls, the input gradients only where a
+    trainable parameter lies below, and weight gradients only for trained weights (a frozen
+    kernel gets none), so it separates LoRA from full fine-tuning where XLA's cost analysis of a
+    compiled step may not.
+    """
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)

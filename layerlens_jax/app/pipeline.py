@@ -26,6 +26,7 @@ settings; the test split is read only to report.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -221,15 +222,29 @@ def warm_up_head(prep: Prepared, model, steps: int) -> None:
     write_back(model, state)
 
 
-def _endless_batches(prep: Prepared, seed: int, first_epoch: int = 0):
-    """Full training batches of ``seed``'s shuffled order, epoch after epoch."""
+def _endless_batches(prep: Prepared, seed: int, first_epoch: int = 0, *, prefetch: int = 0):
+    """Full training batches of ``seed``'s shuffled order, epoch after epoch.
+
+    With ``prefetch = n > 0`` the batches are device arrays and ``n`` of them are built and put on
+    the device ahead of the one yielded: the next batch is ready (and its transfer under way) while
+    the current step runs under JAX's asynchronous dispatch. The values are the same either way."""
     from layerlens_jax.app.data import iterate_batches
 
-    epoch = first_epoch
-    while True:
-        yield from iterate_batches(prep.arrays["train"], prep.cfg.data.batch_size, seed=seed,
-                                   epoch=epoch, drop_remainder=True)
-        epoch += 1
+    def host_batches():
+        epoch = first_epoch
+        while True:
+            yield from iterate_batches(prep.arrays["train"], prep.cfg.data.batch_size, seed=seed,
+                                       epoch=epoch, drop_remainder=True)
+            epoch += 1
+
+    if not prefetch:
+        yield from host_batches()
+        return
+    ahead = collections.deque()
+    for batch in host_batches():
+        ahead.append(jax.device_put(batch))
+        if len(ahead) > prefetch:
+            yield ahead.popleft()
 
 
 def _is_head(path: str, head: tuple[str, ...]) -> bool:
@@ -531,49 +546,60 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
 
 def _run_steps(prep: Prepared, variant: str, seed: int, model, step, state, *, progress: bool):
     """The training loop of :func:`train_variant`: ``(state, curve, seconds, step memory)``.
-    ``model`` is written back (for evaluation) at every curve point."""
-    from layerlens_jax._src.train import write_back
+    ``model`` is written back (for evaluation) at every curve point.
 
+    The host never waits on a step between curve points: steps are dispatched asynchronously, the
+    next batch is built and put on the device while the current step runs, and only the losses of
+    the current curve window are kept (as device scalars, read at the curve point)."""
     cfg = prep.cfg
-    it = _endless_batches(prep, seed)
-    batch = next(it)
+    steps, every = cfg.train.steps, cfg.train.eval_every
+    batches = _endless_batches(prep, seed, prefetch=1)
+    batch = next(batches)
     memory = _xla_bytes(step.jitted, state.trainable, state.opt_state, state.other, state.step,
                         state.frozen, batch)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.train.steps, desc=f"train {variant} seed {seed}", unit="step",
-                   leave=False)
-    curve, losses = [], []
+    bar = _progress_bar(progress, steps, f"train {variant} seed {seed}")
+    curve, window = [], collections.deque(maxlen=every)  # the last `every` steps' losses
     eval_seconds = 0.0
     t0 = time.perf_counter()
-    for i in range(cfg.train.steps):
+    for i in range(steps):
         state, metrics = step(state, batch)
-        losses.append(metrics["loss"])
+        window.append(metrics["loss"])
         if i == 0:  # time the steps after the first (compiling) one
-            jax.block_until_ready(metrics["loss"])
-            t0 = time.perf_counter()
-        if i == 0:
             initial = float(metrics["loss"])
+            t0 = time.perf_counter()
             _check_divergence(cfg, variant, seed, 1, initial, initial)
-        if (i + 1) % cfg.train.eval_every == 0 or i + 1 == cfg.train.steps:
-            recent = float(np.mean(jax.device_get(losses[-cfg.train.eval_every:])))
+        if i + 1 < steps:
+            batch = next(batches)  # built and transferred while step i runs
+        if (i + 1) % every == 0 or i + 1 == steps:
+            recent = float(np.mean(jax.device_get(list(window))))
             _check_divergence(cfg, variant, seed, i + 1, recent, initial)
             te = time.perf_counter()
-            write_back(model, state)
-            val = evaluate_accuracy(model, prep.arrays["validation"], cfg.data.eval_batch_size)
+            val = _validate(prep, model, state)
             eval_seconds += time.perf_counter() - te
             curve.append(CurvePoint(step=i + 1, train_loss=recent, val_loss=val["loss"],
                                     val_accuracy=val["accuracy"]))
         if bar is not None:
             bar.update(1)
-        batch = next(it)
     jax.block_until_ready(state.trainable)
-    seconds = ((time.perf_counter() - t0 - eval_seconds) * cfg.train.steps
-               / max(cfg.train.steps - 1, 1))
+    seconds = (time.perf_counter() - t0 - eval_seconds) * steps / max(steps - 1, 1)
     if bar is not None:
         bar.close()
     return state, tuple(curve), seconds, memory
+
+
+def _progress_bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="step", leave=False)
+
+
+def _validate(prep: Prepared, model, state) -> dict[str, float]:
+    """Validation figures of ``state`` (written back into ``model`` first)."""
+    from layerlens_jax._src.train import write_back
+
+    write_back(model, state)
+    return evaluate_accuracy(model, prep.arrays["validation"], prep.cfg.data.eval_batch_size)
 
 
 class DivergenceError(FloatingPointError):
