@@ -38,8 +38,7 @@ from scipy import stats as sps
 
 from layerlens_jax.app.config import load_config
 from layerlens_jax.app.pipeline import (_mean_loss, evaluate_accuracy, make_plans, prepare,
-                                    run_profile, stats_to_json, train_variant,
-                                    write_json)
+                                        run_profile, train_variant, write_json)
 
 MAX_LENGTH = {"trec6": 32, "trec50": 32, "movie_sentiment": 48, "tweet_sentiment": 48}  # ~95-99th pct
 

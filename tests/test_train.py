@@ -191,23 +191,8 @@ def test_train_step_rejects_tuple_without_has_aux_and_integer_loss(factory):
 
 
 def _tiny_prepared(steps: int, eval_every: int):
-    from layerlens_jax.app.config import load_config
-    from layerlens_jax.app.pipeline import Prepared
-
-    cfg = load_config("configs/tiny.toml", {"train.steps": steps, "train.eval_every": eval_every,
-                                            "data.batch_size": 16, "data.eval_batch_size": 8})
-    rng = np.random.default_rng(0)
-
-    def split(n):
-        ids = rng.integers(1, CFG.vocab_size, (n, 8)).astype(np.int32)
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                "token_type_ids": np.zeros_like(ids),
-                "labels": rng.integers(0, CFG.num_labels, n).astype(np.int32)}
-
-    arrays = {"train": split(40), "validation": split(10), "test": split(11)}
-    return Prepared(cfg=cfg, label_names=("a", "b", "c"), arrays=arrays, model_config=CFG,
-                    build_model=lambda seed: BertClassifier(CFG, rngs=nnx.Rngs(seed)),
-                    sizes={k: len(v["labels"]) for k, v in arrays.items()})
+    from test_pipeline import _fake_prepared  # the random tiny encoder on random token ids
+    return _fake_prepared(**{"train.steps": steps, "train.eval_every": eval_every})
 
 
 def _reference_loop(prep, variant, plan, seed):

@@ -422,7 +422,7 @@ def option_costs(sites: Sequence[Site], options: Sequence[tuple[str, int]],
     be masked by the caller (:func:`option_mask`). Formulas: see the module docstring.
     """
     cm = cost_model or CostModel()
-    S, O = len(sites), len(options)
+    O = len(options)
     methods = np.array([METHODS.index(m) if m in METHODS else -1 for m, _ in options])
     if (methods < 0).any():
         bad = options[int(np.argmax(methods < 0))][0]

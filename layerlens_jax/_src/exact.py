@@ -71,7 +71,7 @@ def _with_depth(rows, cost, budget, s_idx, o_idx, S, site_depth, fixed):
     ``d = 0 .. D``: ``sum_d z_d = 1``; a site of group ``g`` takes an option other than ``none`` only
     if ``sum_{d <= g} z_d = 1``; each resource row also charges ``sum_d fixed[r, d] z_d``."""
     from scipy.optimize import LinearConstraint
-    from scipy.sparse import csr_array, hstack, vstack
+    from scipy.sparse import csr_array, hstack
 
     D1 = fixed.shape[1]
     nv = len(s_idx)

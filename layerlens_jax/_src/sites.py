@@ -253,23 +253,31 @@ def _make_site(path, kind, module, shapes, io) -> Site:
                 tokens_per_example=None if tokens is None else int(tokens))
 
 
-class _ShapeRecorder:
-    """Stands in for a site module during an abstract trace and records (input, output) shapes."""
+class _CallRecorder:
+    """Stands in for a site module during an abstract trace; records, in the order the sites are
+    *entered* (a block before the layers inside it), the first call's input shape and dtype and its
+    output shape."""
 
     def __init__(self, inner, path, record):
         self._inner, self._path, self._record = inner, path, record
 
     def __call__(self, *args, **kwargs):
-        out = self._inner(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()), None)
-        self._record.setdefault(self._path, (getattr(x, "shape", None), getattr(out, "shape", None)))
+        first = self._path not in self._record
+        if first:
+            self._record[self._path] = (getattr(x, "shape", None), getattr(x, "dtype", None), None)
+        out = self._inner(*args, **kwargs)
+        if first:
+            self._record[self._path] = self._record[self._path][:2] + (getattr(out, "shape", None),)
         return out
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
 
-def _split_example(example):
+def split_example(example) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of example inputs given as ``{"args": ..., "kwargs": ...}``, a tuple of
+    positional arguments, or a single argument."""
     if isinstance(example, dict) and set(example) <= {"args", "kwargs"}:
         return tuple(example.get("args", ())), dict(example.get("kwargs", {}))
     if isinstance(example, tuple):
@@ -277,8 +285,10 @@ def _split_example(example):
     return (example,), {}
 
 
-def _nnx_io_shapes(model: nnx.Module, example) -> dict[str, tuple]:
-    args, kwargs = _split_example(example)
+def trace_site_calls(model: nnx.Module, example) -> dict[str, tuple]:
+    """``{site path: (input shape, input dtype, output shape)}`` of one abstract forward pass of
+    ``model(*example)``, in the order the sites are entered."""
+    args, kwargs = split_example(example)
     graphdef, state = nnx.split(model)
     record: dict[str, tuple] = {}
 
@@ -286,18 +296,22 @@ def _nnx_io_shapes(model: nnx.Module, example) -> dict[str, tuple]:
         m = nnx.merge(graphdef, state)
         paths = [join_path(p) for p, mod in nnx.iter_modules(m) if p and site_kind_of(mod)]
         for path in sorted(paths, key=lambda p: -p.count("/")):
-            set_submodule(m, path, _ShapeRecorder(get_submodule(m, path), path, record))
+            set_submodule(m, path, _CallRecorder(get_submodule(m, path), path, record))
         return m(*args, **kwargs)
 
     jax.eval_shape(run, state, args, kwargs)
     return record
 
 
+def _nnx_io_shapes(model: nnx.Module, example) -> dict[str, tuple]:
+    return {p: (ins, outs) for p, (ins, _, outs) in trace_site_calls(model, example).items()}
+
+
 def _discover_linen(module: nn.Module, variables: Mapping, example) -> list[Site]:
     if example is None:
         raise ValueError("discover_sites for a Linen module needs example inputs "
                          "(example=(input_ids, ...)): Linen builds its submodules only when called")
-    args, kwargs = _split_example(example)
+    args, kwargs = split_example(example)
     found: dict[str, tuple] = {}
 
     def interceptor(next_fun, a, kw, ctx):

@@ -57,7 +57,8 @@ import numpy as np
 from flax import nnx
 
 from layerlens_jax._src.costs import RESOURCES
-from layerlens_jax._src.sites import Site, get_submodule, join_path, set_submodule, site_kind_of
+from layerlens_jax._src.sites import (Site, get_submodule, set_submodule, split_example,
+                                     trace_site_calls)
 
 __all__ = ["StepProfile", "site_call_order", "depth_groups", "measure_step_profile",
            "matmul_flops", "compiled_step_bytes", "site_depths", "plan_step_cost"]
@@ -102,43 +103,10 @@ class StepProfile:
 # ------------------------------------------------------------------------ forward-graph order
 
 
-class _CallRecorder:
-    """Stands in for a site module during an abstract trace; records entry order and the input."""
-
-    def __init__(self, inner, path, record):
-        self._inner, self._path, self._record = inner, path, record
-
-    def __call__(self, *args, **kwargs):
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        self._record.setdefault(self._path, (getattr(x, "shape", None), getattr(x, "dtype", None)))
-        return self._inner(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-def _split_example(example) -> tuple[tuple, dict]:
-    if isinstance(example, dict) and set(example) <= {"args", "kwargs"}:
-        return tuple(example.get("args", ())), dict(example.get("kwargs", {}))
-    return (example if isinstance(example, tuple) else (example,)), {}
-
-
 def site_call_order(model: nnx.Module, example: Any) -> dict[str, tuple]:
     """``{site path: (input shape, input dtype)}`` in the order the sites are *entered* during one
     abstract forward pass of ``model(*example)`` (a block before the layers inside it)."""
-    args, kwargs = _split_example(example)
-    graphdef, state = nnx.split(model)
-    record: dict[str, tuple] = {}
-
-    def run(state, args, kwargs):
-        m = nnx.merge(graphdef, state)
-        paths = [join_path(p) for p, mod in nnx.iter_modules(m) if p and site_kind_of(mod)]
-        for path in sorted(paths, key=lambda p: -p.count("/")):
-            set_submodule(m, path, _CallRecorder(get_submodule(m, path), path, record))
-        return m(*args, **kwargs)
-
-    jax.eval_shape(run, state, args, kwargs)
-    return record
+    return {p: (ins, dtype) for p, (ins, dtype, _) in trace_site_calls(model, example).items()}
 
 
 _INDEXED = re.compile(r"^(\d+|.*_\d+)$")
@@ -290,7 +258,7 @@ def measure_step_profile(model: nnx.Module, loss_fn: Callable, batch: Any, *, ex
         mem.append(m)
         flops.append(f / tokens)
     graphdef, state = nnx.split(model)
-    args, kwargs = _split_example(example)
+    args, kwargs = split_example(example)
     fwd = matmul_flops(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(*args, **kwargs))(state))
     mem.append(mem[-1])
     flops.append(fwd / tokens)
