@@ -102,8 +102,8 @@ def test_swap_in_failing_second_rename_puts_the_previous_checkpoint_back(tmp_pat
 
 def test_recover_after_a_crash_between_the_two_renames(tmp_path):
     final = tmp_path / "checkpoint"
-    (tmp_path / "checkpoint.old-123").mkdir()
-    (tmp_path / "checkpoint.old-123" / "head.npz").write_bytes(b"old")
+    (tmp_path / ".checkpoint.old-123-abcd").mkdir()
+    (tmp_path / ".checkpoint.old-123-abcd" / "head.npz").write_bytes(b"old")
     (tmp_path / "checkpoint.tmp-abc").mkdir()  # a half-written new one
     (tmp_path / "checkpoint.tmp-abc" / "x").write_bytes(b"half")
     rundir.recover_checkpoint(final)

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from layerlens_jax._src.fileio import fsync_dir
+from layerlens_jax._src.fileio import fsync_dir, recover_swapped_dir, swap_dir
 from layerlens_jax._src.peft.apply import adapter_state, applied_plan, load_adapter_state
 from layerlens_jax._src.peft.nnx_modules import Adapter, LoRA, Prefix
 from layerlens_jax._src.peft.tree import flatten_tree, unflatten_tree
@@ -140,7 +140,7 @@ def save_adapters(directory: str | os.PathLike, model: Any, variables: Mapping |
     {'layers_0': ['lora', 2]}
     """
     path = Path(directory).absolute()
-    _recover_backup(path)
+    recover_swapped_dir(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     state = adapter_state(model, variables)
@@ -176,7 +176,7 @@ def save_adapters(directory: str | os.PathLike, model: Any, variables: Mapping |
             raise
         raise OSError(f"checkpoint {path} not written ({type(e).__name__}: {e}); "
                       f"{_kept(path)}") from e
-    _swap_in(tmp, path)
+    swap_dir(tmp, path, "checkpoint")
     return path
 
 
@@ -197,37 +197,6 @@ def _sync_tree(root: Path) -> None:
                 os.close(fd)
         fsync_dir(dirpath)
     fsync_dir(root.parent)
-
-
-def _swap_in(new: Path, final: Path) -> None:
-    """Replace the folder ``final`` by its sibling ``new``: ``final`` → backup, ``new`` → ``final``,
-    backup deleted. On a failure the previous ``final`` is put back and the error says so."""
-    backup = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-    had_old = final.exists()
-    try:
-        if had_old:
-            os.rename(final, backup)
-        os.rename(new, final)
-    except BaseException as e:
-        if had_old and backup.exists() and not final.exists():
-            os.rename(backup, final)
-        shutil.rmtree(new, ignore_errors=True)
-        if not isinstance(e, Exception):
-            raise
-        raise OSError(f"checkpoint {final} not replaced ({type(e).__name__}: {e}); "
-                      f"{_kept(final)}") from e
-    fsync_dir(final.parent)
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-def _recover_backup(final: Path) -> None:
-    """Put back the backup left by a kill between the two renames of :func:`_swap_in`."""
-    if final.exists() or not final.parent.is_dir():
-        return
-    backups = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if backups:
-        os.rename(backups[-1], final)
-        fsync_dir(final.parent)
 
 
 def read_checkpoint_metadata(directory: str | os.PathLike) -> dict[str, Any]:

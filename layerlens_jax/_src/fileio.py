@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import tempfile
+from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_write_text", "atomic_write_json", "fsync_dir", "swap_dir",
+           "recover_swapped_dir"]
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -57,3 +61,46 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON (NaN and inf refused) with :func:`atomic_write_text`."""
     atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def swap_dir(new: Path, final: Path, what: str = "checkpoint") -> None:
+    """Replace the folder ``final`` by its complete sibling ``new``: ``final`` -> a hidden backup,
+    ``new`` -> ``final``, backup deleted. On a failure the previous ``final`` is put back, ``new``
+    is removed and an ``OSError`` says ``"<what> not replaced (...); the previous <what> at ... is
+    intact"``; an interrupt (``KeyboardInterrupt``) is cleaned up the same way and re-raised. A
+    kill between the two renames leaves the backup, which :func:`recover_swapped_dir` puts back.
+    """
+    new, final = Path(new), Path(final)
+    backup = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    had_old = final.exists()
+    try:
+        if had_old:
+            os.rename(final, backup)
+        os.rename(new, final)
+    except BaseException as e:
+        if had_old and backup.exists() and not final.exists():
+            os.rename(backup, final)
+        shutil.rmtree(new, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
+        kept = (f"the previous {what} at {final} is intact" if had_old
+                else f"no {what} was there before")
+        reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+        raise OSError(getattr(e, "errno", None), f"{what} not replaced ({reason}); {kept}") \
+            from e
+    fsync_dir(final.parent)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def recover_swapped_dir(final: Path) -> None:
+    """After a kill inside :func:`swap_dir`: put the newest backup back when ``final`` is missing,
+    delete the other backups."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    backups = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if backups and not final.exists():
+        os.rename(backups.pop(), final)
+        fsync_dir(final.parent)
+    for p in backups:
+        shutil.rmtree(p, ignore_errors=True)

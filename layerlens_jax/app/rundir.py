@@ -28,7 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from layerlens_jax._src.fileio import atomic_write_json, fsync_dir
+from layerlens_jax._src.fileio import (atomic_write_json, fsync_dir, recover_swapped_dir,
+                                      swap_dir)
 
 __all__ = ["RunDirError", "StageInputError", "RunLock", "open_run_directory", "StageMarker",
            "stage_inputs", "stage_status", "require_stage", "write_marker", "remove_marker",
@@ -252,23 +253,9 @@ def _files(root: Path) -> Iterator[Path]:
 
 
 def swap_in(new: Path, final: Path) -> None:
-    """Replace the folder ``final`` by ``new`` (a sibling): ``final`` → backup, ``new`` →
-    ``final``, backup deleted. On a failure the previous ``final`` is put back and the error
-    raised says so."""
-    backup = final.with_name(f"{final.name}.old-{os.getpid()}")
-    had_old = final.exists()
-    try:
-        if had_old:
-            os.rename(final, backup)
-        os.rename(new, final)
-    except OSError as e:
-        if had_old and backup.exists() and not final.exists():
-            os.rename(backup, final)
-        shutil.rmtree(new, ignore_errors=True)
-        kept = f"the previous checkpoint at {final} is intact" if had_old else "nothing written"
-        raise OSError(e.errno, f"checkpoint not replaced ({e.strerror or e}); {kept}") from None
-    fsync_dir(final.parent)
-    shutil.rmtree(backup, ignore_errors=True)
+    """Replace the checkpoint folder ``final`` by its complete sibling ``new``
+    (:func:`~layerlens_jax._src.fileio.swap_dir`: the previous one stays on any failure)."""
+    swap_dir(new, final, "checkpoint")
 
 
 def recover_checkpoint(final: Path) -> None:
@@ -279,11 +266,7 @@ def recover_checkpoint(final: Path) -> None:
         return
     for p in parent.glob(f"{final.name}.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
-    backups = sorted(parent.glob(f"{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if backups and not final.exists():
-        os.rename(backups.pop(), final)
-    for p in backups:
-        shutil.rmtree(p, ignore_errors=True)
+    recover_swapped_dir(final)
 
 
 def write_checkpoint(final: str | os.PathLike, model, *, plan, head: tuple[str, ...],
