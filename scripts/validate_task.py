@@ -136,12 +136,7 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None) -> dict:
     from layerlens_jax.app.sweep import uniform_candidates
 
     plans = make_plans(bcfg, list(sites), u)  # uniform_lora, layerlens_lora, layerlens_mixed
-    budget = plans["uniform_lora"].use["params"] if bcfg.budget.scale == 1.0 else None
-    if budget is None:  # the reference budget times the scale (the uniform plan's rank is scaled)
-        ref = make_plans(dataclasses.replace(bcfg, budget=dataclasses.replace(bcfg.budget,
-                                                                               scale=1.0)),
-                         list(sites), u)["uniform_lora"].use["params"]
-        budget = ref * bcfg.budget.scale
+    budget = plans["layerlens_lora"].budgets["params"]  # the reference budget times the scale
     ref_opts = {"lora_alpha": bcfg.budget.reference_alpha, "use_rslora": False}
     out = {}
     for name, (targets, rank, _) in uniform_candidates(sites, budget).items():

@@ -45,6 +45,7 @@ from flax import nnx
 
 from layerlens_jax._src.fileio import atomic_write_json
 from layerlens_jax.app.config import RunConfig
+from layerlens_jax.app.rundir import head_filter
 from layerlens_jax.models import BertClassifier, BertConfig
 from layerlens_jax._src.profile import LayerStats, profile, sampled_label_loss
 from layerlens_jax._src.sites import Site, discover_sites
@@ -213,7 +214,7 @@ def warm_up_head(prep: Prepared, model, steps: int) -> None:
 
     cfg = prep.cfg
     step, state = make_functional_train_step(model, optax.adam(cfg.train.head_learning_rate),
-                                             _mean_loss, wrt=_head_filter(cfg.train.head))
+                                             _mean_loss, wrt=head_filter(cfg.train.head))
     # epochs from 20 000: an order of its own, neither profiling's nor a training epoch's
     for _, batch in zip(range(steps), _endless_batches(prep, cfg.run.seed, first_epoch=20_000)):
         state, metrics = step(state, batch)
@@ -370,11 +371,6 @@ def _adapts_nothing(cfg: RunConfig, name: str, sites: list[Site], catalogue,
 # -------------------------------------------------------------------------------- training
 
 
-def _head_filter(head: tuple[str, ...]):
-    from layerlens_jax.app.rundir import head_filter
-    return head_filter(head)
-
-
 def build_variant(prep: Prepared, variant: str, plan, seed: int, adapt=None):
     """(model, trainable filter) for a variant; the base encoder and head come from ``seed``.
 
@@ -383,7 +379,7 @@ def build_variant(prep: Prepared, variant: str, plan, seed: int, adapt=None):
     from layerlens_jax._src.peft import PEFT_FILTER, apply_plan
 
     base = prep.build_model(seed)
-    head = _head_filter(prep.cfg.train.head)
+    head = head_filter(prep.cfg.train.head)
     if variant == "full":
         return base, nnx.Param
     if variant == "head_only":
