@@ -120,7 +120,7 @@ def predictive_validity(prep, stats, u, steps: int, lr: float) -> dict:
 
 
 PLAN_VARIANTS = ("layerlens_lora", "layerlens_mixed", "spectral_frobenius", "spectral_nuclear",
-                 "spectral_breadth",
+                 "spectral_breadth", "tied_lora", "tied_spectral",
                  "eva", "eva_rho2", "adalora")
 DEFAULT_VARIANTS = ("uniform:qv", "uniform:qkvo", "uniform:ffn", "uniform:all") + PLAN_VARIANTS + (
     "head_only", "full")
@@ -148,17 +148,19 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None) -> dict:
     for name in ("layerlens_lora", "layerlens_mixed"):
         if name in variants:
             out[name] = plans[name]
-    for name, norm, ranks in (("spectral_frobenius", "frobenius", a.lora_ranks),
-                              ("spectral_nuclear", "nuclear", a.lora_ranks),
-                              ("spectral_breadth", "frobenius", (1,))):
+    for name, norm, ranks, tie in (("spectral_frobenius", "frobenius", a.lora_ranks, None),
+                                   ("spectral_nuclear", "nuclear", a.lora_ranks, None),
+                                   ("spectral_breadth", "frobenius", (1,), None),
+                                   ("tied_lora", None, a.lora_ranks, "layers"),
+                                   ("tied_spectral", "frobenius", a.lora_ranks, "layers")):
         if name in variants:
             t0 = time.perf_counter()
+            gain = a.gain_model() if norm is None else SpectralGain(
+                spectra=spectra, norm=norm, fallback=a.gain_model())
             out[name] = allocate(sites, u, {"params": budget},
-                                 catalogue=Catalogue.from_sizes(lora=ranks),
-                                 gain_model=SpectralGain(spectra=spectra, norm=norm,
-                                                         fallback=a.gain_model()),
+                                 catalogue=Catalogue.from_sizes(lora=ranks), gain_model=gain,
                                  peft_options={"lora_alpha": a.lora_alpha,
-                                               "use_rslora": a.use_rslora})
+                                               "use_rslora": a.use_rslora}, tie=tie)
             out[name] = dataclasses.replace(out[name], metadata={
                 **out[name].metadata, "allocate_seconds": time.perf_counter() - t0})
     for name, rho in (("eva", 1.0), ("eva_rho2", 2.0)):
@@ -250,6 +252,8 @@ def main():
     ap.add_argument("--out", default="runs/validation")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite validation.md from the stored results")
+    ap.add_argument("--plans-only", action="store_true",
+                    help="profile and allocate, store and print the plans, train nothing")
     ap.add_argument("--merge", nargs="+", default=[], metavar="DIR",
                     help="merge the stores of these sweep folders into --out, then render")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -309,6 +313,11 @@ def main():
                        "params": p.use["params"],
                        "allocate_seconds": p.metadata.get("allocate_seconds", 0.0),
                        "metrics": plan_metrics(p).to_dict()} for name, p in plans.items()}
+            if args.plans_only:
+                for name, p in plans.items():
+                    print(f"[{spec} x{scale}] {name} ({p.use['params']:,.0f} params): "
+                          f"{_summarise_assignments(p.assignments())}", flush=True)
+                continue
             for seed in args.seeds:
                 for variant in args.variants:
                     if variant in ("head_only", "full"):
@@ -340,6 +349,16 @@ def main():
     md = render(store)
     (out / "validation.md").write_text(md)
     print(md)
+
+
+def _summarise_assignments(assignments: dict) -> str:
+    """``value r4 x6, query r1 x2``: the plan's options per site kind (layer indices dropped)."""
+    from collections import Counter
+
+    from layerlens_jax._src.ties import tie_key
+
+    counts = Counter((tie_key(path), f"{m} {size}") for path, (m, size) in assignments.items())
+    return ", ".join(f"{key} {opt} x{n}" for (key, opt), n in sorted(counts.items()))
 
 
 def _spectra(prep, stats):

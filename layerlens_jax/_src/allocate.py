@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import time
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ from layerlens_jax._src.plan import Plan
 from layerlens_jax._src.problem import Problem, allowed_options, build_problem
 from layerlens_jax._src.sites import Site
 from layerlens_jax._src.solver import SolverConfig, lagrangian_allocate
+from layerlens_jax._src.ties import tie_labels, tie_problem
 from layerlens_jax._src.step_cost import StepProfile, depth_subproblems, with_step_use
 
 __all__ = ["allocate", "allocate_curve"]
@@ -54,7 +55,8 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
              max_size: int | Mapping[str, int] | None = None,
              peft_options: Mapping[str, Any] | None = None,
              config: SolverConfig = SolverConfig(),
-             exclusive_nesting: bool = False, step_profile: StepProfile | None = None) -> Plan:
+             exclusive_nesting: bool = False, step_profile: StepProfile | None = None,
+             tie: str | Callable[[Site], str] | None = None) -> Plan:
     """Choose a method and size per site under every budget at once.
 
     Args:
@@ -84,6 +86,10 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
         sub-problems' bounds, so the certificate stays exact. ``cost_model.batch_size`` must be the
         profile's batch size (the default cost model takes the profile's batch shape). Without it
         (the default) costs are per-site increments, as before.
+      tie: ``"layers"``: sites whose paths differ only in layer indices share one option (the
+        same projection of every layer gets the same method and size, as a user adapting "value at
+        rank 4" does); or a function ``Site -> group key``. The dual bound then certifies the tied
+        problem. See :mod:`~layerlens_jax._src.ties`. Not combinable with ``step_profile`` yet.
 
     Returns:
       A :class:`~layerlens_jax._src.plan.Plan` (``solver="lagrangian"``) whose use is within every
@@ -121,8 +127,11 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
                               cost_model=cost_model, gain_model=gain_model,
                               utilisation=utilisation, min_size=min_size, max_size=max_size,
                               peft_options=peft_options, config=config,
-                              step_profile=step_profile),
+                              step_profile=step_profile, tie=tie),
             sites, budgets, pinned)
+    if tie is not None and step_profile is not None:
+        raise ValueError("allocate: tie and step_profile cannot be combined (the lowest adapted "
+                         "depth of a tied group spans layers); pass one of them")
     t0 = time.perf_counter()
     if step_profile is not None and cost_model is None:  # the batch shape the profile holds for
         cost_model = CostModel(batch_size=step_profile.batch_size, seq_len=step_profile.seq_len)
@@ -132,15 +141,23 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
     t1 = time.perf_counter()
     if step_profile is not None:
         return _allocate_over_depth(problem, step_profile, config, peft_options, t1 - t0)
-    gain, cost, mask, group = _device_arrays(problem)
-    sol = lagrangian_allocate(gain, cost, mask, jnp.asarray(problem.budget, jnp.float32), group,
+    labels, solved, extra = None, problem, {}
+    if tie is not None:
+        labels, keys = tie_labels(problem.sites, tie, problem.pinned)
+        solved = tie_problem(problem, labels)
+        extra["tie"] = {"rule": tie if isinstance(tie, str) else getattr(tie, "__name__", "custom"),
+                        "groups": len(keys)}
+    gain, cost, mask, group = _device_arrays(solved)
+    sol = lagrangian_allocate(gain, cost, mask, jnp.asarray(solved.budget, jnp.float32), group,
                               config=config)
     sol = jax.device_get(sol)
     t2 = time.perf_counter()
-    choice = repair_budget_float64(problem, np.asarray(sol.choice, np.int64))
-    bound = dual_value(problem.gain, problem.cost_rso, problem.mask, problem.budget, sol.lam)
-    extra = {"multipliers": {r: float(v) for r, v in zip(problem.resources, sol.lam)},
-             "timing_s": {"build": t1 - t0, "solve": t2 - t1}}
+    choice = repair_budget_float64(solved, np.asarray(sol.choice, np.int64))
+    bound = dual_value(solved.gain, solved.cost_rso, solved.mask, solved.budget, sol.lam)
+    if labels is not None:
+        choice = choice[labels]  # every member takes its group's option
+    extra.update({"multipliers": {r: float(v) for r, v in zip(problem.resources, sol.lam)},
+                  "timing_s": {"build": t1 - t0, "solve": t2 - t1}})
     _warn_if_empty(problem, choice)
     return to_plan(problem, choice, bound, "lagrangian", peft_options, extra)
 

@@ -18,6 +18,7 @@ from layerlens_jax._src.costs import Catalogue, CostModel, GainModel
 from layerlens_jax._src.plan import Plan
 from layerlens_jax._src.problem import allowed_options, build_problem
 from layerlens_jax._src.sites import Site
+from layerlens_jax._src.ties import tie_labels, tie_problem
 
 __all__ = ["allocate_exact", "dual_value", "solve_exact"]
 
@@ -149,7 +150,7 @@ def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float],
                    max_size: int | Mapping[str, int] | None = None,
                    peft_options: Mapping[str, Any] | None = None,
                    time_limit: float | None = None, mip_rel_gap: float = 1e-6,
-                   exclusive_nesting: bool = False, step_profile=None) -> Plan:
+                   exclusive_nesting: bool = False, step_profile=None, tie=None) -> Plan:
     """The exact optimum of the problem :func:`~layerlens_jax._src.allocate.allocate` solves
     (MILP, scipy HiGHS); same inputs.
 
@@ -157,8 +158,12 @@ def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float],
     With ``exclusive_nesting`` every (ancestor, descendant) site pair is a MILP row: the exact
     optimum :func:`~layerlens_jax._src.nesting.resolve_nesting` approximates. With
     ``step_profile`` the budgets mean the whole train step, as in ``allocate``: one binary per
-    lowest adapted depth group (see :func:`solve_exact`).
+    lowest adapted depth group (see :func:`solve_exact`). With ``tie`` (as in ``allocate``) the
+    MILP has one row per group; not combinable with ``exclusive_nesting`` or ``step_profile``.
     """
+    if tie is not None and (exclusive_nesting or step_profile is not None):
+        raise ValueError("allocate_exact: tie cannot be combined with exclusive_nesting or "
+                         "step_profile")
     t0 = time.perf_counter()
     if step_profile is not None and cost_model is None:  # the batch shape the profile holds for
         cost_model = CostModel(batch_size=step_profile.batch_size, seq_len=step_profile.seq_len)
@@ -177,12 +182,18 @@ def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float],
         depth_subproblems(problem, step_profile)  # the same checks (batch size, feasibility)
         depth = (site_depths(step_profile, problem.sites),
                  np.stack([step_profile.fixed(r) for r in problem.resources]))
-    choice, _, bound, message = solve_exact(problem.gain, problem.cost_rso, problem.mask,
-                                            problem.budget, time_limit=time_limit,
+    solved, labels = problem, None
+    if tie is not None:
+        labels, _ = tie_labels(problem.sites, tie, problem.pinned)
+        solved = tie_problem(problem, labels)
+    choice, _, bound, message = solve_exact(solved.gain, solved.cost_rso, solved.mask,
+                                            solved.budget, time_limit=time_limit,
                                             mip_rel_gap=mip_rel_gap, exclusive=exclusive,
                                             depth=depth)
     if depth is None:
-        choice = repair_budget_float64(problem, choice)
+        choice = repair_budget_float64(solved, choice)
+    if labels is not None:
+        choice = choice[labels]
     extra = {"milp_status": message, "timing_s": {"solve": time.perf_counter() - t0}}
     plan = to_plan(problem, choice, bound, "milp", peft_options, extra)
     if step_profile is not None:

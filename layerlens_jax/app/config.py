@@ -112,6 +112,9 @@ class AllocateSection:
     # default: on TREC-6 validation (3 seeds) the exclusive mixed plans did worse (val loss 0.2252
     # vs 0.2158 at budget 1, 0.2423 vs 0.2359 at 0.5).
     exclusive_nesting: bool = False
+    # "layers": the same projection of every layer shares one option (allocate(..., tie=...));
+    # "": every site is its own decision.
+    tie: str = ""
 
     def gain_model(self) -> GainModel:
         return GainModel(efficiency={m: getattr(self, f"{m}_efficiency") for m in METHODS[1:]},
@@ -296,6 +299,8 @@ def _cross_checks(cfg: RunConfig) -> None:
         if not sizes or any(s <= 0 for s in sizes):
             raise ConfigError(f"allocate.{key} must be a non-empty list of positive integers, "
                               f"got {list(sizes)}")
+    if cfg.allocate.tie not in ("", "layers"):
+        raise ConfigError(f"allocate.tie must be \"\" or \"layers\", got {cfg.allocate.tie!r}")
     if cfg.utility.fisher_weight + cfg.utility.grad_weight <= 0:
         raise ConfigError("utility.fisher_weight + utility.grad_weight must be > 0")
 

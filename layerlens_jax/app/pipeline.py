@@ -340,12 +340,13 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray) -> dict[str, An
     gain = a.gain_model()
     with warnings.catch_warnings():  # an empty plan is reported below, as the job's own error
         warnings.filterwarnings("ignore", message="allocate returned an empty plan")
+        tie = a.tie or None
         plans["layerlens_lora"] = allocate(sites, u, budgets, catalogue=lora_only,
                                            gain_model=gain, utilisation=utilisation,
-                                           peft_options=peft_options)
+                                           peft_options=peft_options, tie=tie)
         plans["layerlens_mixed"] = allocate(sites, u, budgets, catalogue=mixed, gain_model=gain,
                                             utilisation=utilisation, peft_options=peft_options,
-                                            exclusive_nesting=a.exclusive_nesting)
+                                            exclusive_nesting=a.exclusive_nesting, tie=tie)
     for name, catalogue in (("layerlens_lora", lora_only), ("layerlens_mixed", mixed)):
         if all(x.method == "none" for x in plans[name].allocations):
             raise ValueError(_adapts_nothing(cfg, name, sites, catalogue, params_budget))
