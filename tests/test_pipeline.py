@@ -273,3 +273,29 @@ def test_head_warmup_trains_only_the_head():
                if not np.array_equal(np.asarray(v), flat_b[k])}
     assert changed and all(k.startswith(("['pooler']", "['classifier']")) for k in changed), changed
     assert float(_mean_loss(model, batch)) < loss0
+
+
+def test_whole_step_prediction_matches_the_trained_steps_memory():
+    """With ``budget.whole_step`` every plan's ``use`` is its whole train step: within 15 % of the
+    memory XLA compiles for the step ``train_variant`` runs; a whole-step VRAM budget below the
+    uniform plan's prediction is honoured by the allocated plans (their prediction is under it)."""
+    from layerlens_jax.app.pipeline import make_plans, measure_whole_step
+
+    prep = _fake_prepared()
+    model = prep.build_model(0)
+    sites = adaptable_sites(model, prep)
+    u = np.linspace(1.0, 0.1, len(sites))
+    profile = measure_whole_step(prep)
+    plans = make_plans(prep.cfg, sites, u, profile)
+    for name in ("uniform_lora", "layerlens_lora"):
+        plan = plans[name]
+        assert "step_cost" in plan.metadata
+        r = train_variant(prep, name, plan, 0, progress=False)
+        ratio = plan.use["vram_bytes"] / r.step_memory_bytes
+        assert 0.85 <= ratio <= 1.15, (name, ratio)
+    cap = 0.97 * plans["uniform_lora"].use["vram_bytes"]
+    capped = make_plans(dataclasses.replace(
+        prep.cfg, budget=dataclasses.replace(prep.cfg.budget, vram_bytes=cap)), sites, u, profile)
+    for name in ("layerlens_lora", "layerlens_mixed"):
+        assert capped[name].use["vram_bytes"] <= cap
+        assert capped[name].metadata["step_cost"]["enumerated_depth"] is not None

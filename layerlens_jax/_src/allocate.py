@@ -186,7 +186,7 @@ def _allocate_over_depth(problem: Problem, profile: StepProfile, config: SolverC
              "timing_s": {"build": build_s, "solve": time.perf_counter() - t0}}
     _warn_if_empty(problem, choice)
     plan = to_plan(problem, choice, bound, "lagrangian", peft_options, extra)
-    return with_step_use(plan, problem, profile, depth)
+    return with_step_use(plan, problem.sites, profile, depth)
 
 
 def _warn_if_empty(problem: Problem, choice: np.ndarray) -> None:

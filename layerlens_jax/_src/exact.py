@@ -199,5 +199,5 @@ def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float],
     if step_profile is not None:
         from layerlens_jax._src.step_cost import with_step_use
 
-        plan = with_step_use(plan, problem, step_profile, -1)
+        plan = with_step_use(plan, problem.sites, step_profile, -1)
     return plan

@@ -318,17 +318,16 @@ def depth_subproblems(problem, profile: StepProfile) -> list:
     return out
 
 
-def with_step_use(plan, problem, profile: StepProfile, lowest: int):
+def with_step_use(plan, sites: Sequence[Site], profile: StepProfile, lowest: int | None = None):
     """``plan`` with ``use`` of the whole step (fixed part of the plan's actual lowest adapted group
-    added) and ``metadata["step_cost"]``."""
+    added to its per-site costs) and ``metadata["step_cost"]``: the whole-step prediction of any
+    plan, e.g. a hand-made baseline. ``lowest``: the group the allocator enumerated (recorded)."""
     from layerlens_jax._src.plan import Plan
 
-    idx = np.arange(len(problem.sites))
     adapted = np.array([a.method != "none" for a in plan.allocations])
-    chosen = problem.cost[idx, [problem.options.index((a.method, a.size))
-                                for a in plan.allocations]]
-    use = plan_step_cost(profile, problem.sites, chosen, adapted)
-    depths = site_depths(profile, problem.sites)
+    chosen = np.array([[a.cost.get(r, 0.0) for r in RESOURCES] for a in plan.allocations])
+    use = plan_step_cost(profile, sites, chosen, adapted)
+    depths = site_depths(profile, sites)
     actual = int(depths[adapted].min()) if adapted.any() else len(profile.groups)
     meta = dict(plan.metadata)
     meta["step_cost"] = {**profile.to_dict(), "enumerated_depth": lowest,

@@ -134,12 +134,20 @@ def stage_plan(ctx: StageContext) -> StageOutcome:
     from layerlens_jax._src.export import hf_bert_module_name, save_peft_config
     from layerlens_jax._src.plan import save_plan
     from layerlens_jax._src.plan_metrics import plan_metrics, render_metrics_markdown
-    from layerlens_jax.app.pipeline import make_plans, read_json, sites_from_json
+    from layerlens_jax.app.pipeline import (make_plans, measure_whole_step, read_json,
+                                            sites_from_json)
 
     cfg, out = ctx.cfg, ctx.out
     sites, u = sites_from_json(read_json(out / "stats.json", "profile"), out / "stats.json")
     ctx.require("profile")
-    plans = make_plans(cfg, sites, u)
+    step_profile = None
+    if cfg.budget.whole_step:
+        t0 = time.perf_counter()
+        step_profile = measure_whole_step(ctx.prep)
+        ctx.log(f"step profile: {len(step_profile.groups)} layer groups, whole-step memory "
+                f"{min(step_profile.vram_bytes) / 2**20:.0f}-{max(step_profile.vram_bytes) / 2**20:.0f}"
+                f" MiB by lowest adapted group ({time.perf_counter() - t0:.1f}s)")
+    plans = make_plans(cfg, sites, u, step_profile)
     written = [out / "plans" / f"{name}.json" for name in plans]
     for path, plan in zip(written, plans.values()):
         save_plan(plan, path)
@@ -202,11 +210,12 @@ def stage_train(ctx: StageContext) -> StageOutcome:
     earlier = stage_seconds(ctx.out)
     timings = {"profile_seconds": earlier.get("profile"), "allocate_seconds": earlier.get("plan"),
                "train_seconds": time.perf_counter() - t0}
+    summary = summarise(results, plans)
     write_json(ctx.out / "results.json", {"results": [x.to_json() for x in results],
-                                          "summary": summarise(results), "diverged": diverged,
+                                          "summary": summary, "diverged": diverged,
                                           "timings": timings})
     if results:
-        ctx.log(comparison_markdown(summarise(results)))
+        ctx.log(comparison_markdown(summary))
     problems = tuple(d["message"] for d in diverged)
     main = ctx.cfg.compare.main
     main_seed = ctx.cfg.compare.seeds[0]

@@ -88,6 +88,10 @@ class BudgetSection:
     vram_bytes: float = math.inf
     latency: float = math.inf
     utilisation: tuple[float, ...] = ()  # e.g. [0.80, 0.88]; empty: fill the binding budget
+    # vram_bytes and train_flops are budgets of the whole train step: the plan stage measures a
+    # step profile (one probe compile per layer group, layerlens_jax.measure_step_profile) and
+    # every plan reports its predicted step memory next to XLA's. false: per-site increments only.
+    whole_step: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +303,11 @@ def _cross_checks(cfg: RunConfig) -> None:
         if not sizes or any(s <= 0 for s in sizes):
             raise ConfigError(f"allocate.{key} must be a non-empty list of positive integers, "
                               f"got {list(sizes)}")
+    if cfg.allocate.tie and cfg.budget.whole_step and (
+            math.isfinite(cfg.budget.vram_bytes) or math.isfinite(cfg.budget.train_flops)):
+        raise ConfigError("allocate.tie cannot be combined with a whole-step vram_bytes / "
+                          "train_flops budget yet; set budget.whole_step = false or allocate.tie "
+                          "= \"\"")
     if cfg.allocate.tie not in ("", "layers"):
         raise ConfigError(f"allocate.tie must be \"\" or \"layers\", got {cfg.allocate.tie!r}")
     if cfg.utility.fisher_weight + cfg.utility.grad_weight <= 0:

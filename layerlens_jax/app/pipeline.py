@@ -310,18 +310,40 @@ def sites_from_json(d: dict[str, Any], path: str | os.PathLike = "stats.json"
 # ---------------------------------------------------------------------------------- plans
 
 
-def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray) -> dict[str, Any]:
-    """The three plan variants at the same trainable-parameter budget."""
+def measure_whole_step(prep: Prepared):
+    """The :class:`~layerlens_jax.StepProfile` of the run's train step (a training batch of
+    ``data.batch_size``, the seed's model): what makes ``vram_bytes`` / ``train_flops`` budgets
+    and predictions mean the whole step."""
+    from layerlens_jax._src.step_cost import measure_step_profile
+
+    cfg = prep.cfg
+    n = min(cfg.data.batch_size, prep.sizes["train"])
+    batch = {k: jnp.asarray(v[:n]) for k, v in prep.arrays["train"].items()}
+    return measure_step_profile(
+        prep.build_model(cfg.run.seed), lambda m, b: classification_loss(m, b).mean(), batch,
+        example=(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
+
+
+def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
+               step_profile=None) -> dict[str, Any]:
+    """The three plan variants at the same trainable-parameter budget.
+
+    With ``step_profile`` (:func:`measure_whole_step`) the ``vram_bytes`` / ``train_flops`` budgets
+    are of the whole train step, and every plan's ``use`` is its whole-step prediction."""
     from layerlens_jax._src.allocate import allocate
-    from layerlens_jax._src.costs import Catalogue
+    from layerlens_jax._src.costs import Catalogue, CostModel
     from layerlens_jax._src.plan import Plan, uniform_assignments
+    from layerlens_jax._src.step_cost import with_step_use
 
     b, a = cfg.budget, cfg.allocate
     peft_options = {"lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora}
     reference_options = {"lora_alpha": b.reference_alpha, "use_rslora": False}
+    cost_model = None if step_profile is None else CostModel(  # per-site costs at its batch shape
+        batch_size=step_profile.batch_size, seq_len=step_profile.seq_len)
     uniform = Plan.from_assignments(
         sites, uniform_assignments(sites, "lora", b.reference_rank, b.reference_targets), u,
-        peft_options=reference_options, metadata={"variant": "uniform_lora"})
+        peft_options=reference_options, metadata={"variant": "uniform_lora"},
+        cost_model=cost_model)
     params_budget = uniform.use["params"] * b.scale
     budgets = {"params": params_budget}
     for r in ("train_flops", "infer_flops", "vram_bytes", "latency"):
@@ -331,7 +353,8 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray) -> dict[str, An
         rank = max(1, int(round(b.reference_rank * b.scale)))
         uniform = Plan.from_assignments(
             sites, uniform_assignments(sites, "lora", rank, b.reference_targets), u,
-            peft_options=reference_options, metadata={"variant": "uniform_lora"})
+            peft_options=reference_options, metadata={"variant": "uniform_lora"},
+            cost_model=cost_model)
     utilisation = tuple(b.utilisation) if b.utilisation else None
     lora_only = Catalogue.from_sizes(lora=a.lora_ranks)
     mixed = Catalogue.from_sizes(lora=a.lora_ranks, adapter=a.adapter_sizes,
@@ -341,15 +364,19 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray) -> dict[str, An
     with warnings.catch_warnings():  # an empty plan is reported below, as the job's own error
         warnings.filterwarnings("ignore", message="allocate returned an empty plan")
         tie = a.tie or None
-        plans["layerlens_lora"] = allocate(sites, u, budgets, catalogue=lora_only,
-                                           gain_model=gain, utilisation=utilisation,
-                                           peft_options=peft_options, tie=tie)
-        plans["layerlens_mixed"] = allocate(sites, u, budgets, catalogue=mixed, gain_model=gain,
-                                            utilisation=utilisation, peft_options=peft_options,
-                                            exclusive_nesting=a.exclusive_nesting, tie=tie)
+        # the depth term only matters to whole-step budgets; otherwise predict after allocating
+        whole = step_profile if set(budgets) & {"vram_bytes", "train_flops"} else None
+        common = dict(gain_model=gain, utilisation=utilisation, peft_options=peft_options,
+                      tie=tie, step_profile=whole, cost_model=cost_model)
+        plans["layerlens_lora"] = allocate(sites, u, budgets, catalogue=lora_only, **common)
+        plans["layerlens_mixed"] = allocate(sites, u, budgets, catalogue=mixed,
+                                            exclusive_nesting=a.exclusive_nesting, **common)
     for name, catalogue in (("layerlens_lora", lora_only), ("layerlens_mixed", mixed)):
         if all(x.method == "none" for x in plans[name].allocations):
             raise ValueError(_adapts_nothing(cfg, name, sites, catalogue, params_budget))
+    if step_profile is not None:  # every plan's use is its whole-step prediction
+        plans = {name: plan if "step_cost" in plan.metadata
+                 else with_step_use(plan, sites, step_profile) for name, plan in plans.items()}
     return plans
 
 
@@ -626,10 +653,12 @@ def _check_divergence(cfg: RunConfig, variant: str, seed: int, step: int, loss: 
         initial_loss=initial if math.isfinite(initial) else str(initial))
 
 
-def summarise(results: Sequence[VariantResult]) -> list[dict[str, Any]]:
+def summarise(results: Sequence[VariantResult],
+              plans: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Mean ± std over seeds per variant (population std over the seeds run), in the order the
     variants first appear. Rows are JSON-ready dicts: ``results.json``'s ``"summary"``, which
-    :func:`comparison_markdown` and the report read back."""
+    :func:`comparison_markdown` and the report read back. ``predicted_step_memory_bytes``: the
+    plan's whole-step prediction (None without a step profile or a plan)."""
     rows = []
     for variant in dict.fromkeys(r.variant for r in results):
         rs = [r for r in results if r.variant == variant]
@@ -641,17 +670,27 @@ def summarise(results: Sequence[VariantResult]) -> list[dict[str, Any]]:
                      "trainable_params": rs[0].trainable_params,
                      "adapter_params": rs[0].adapter_params,
                      "train_seconds_mean": float(np.mean([r.train_seconds for r in rs])),
-                     "step_memory_bytes": rs[0].step_memory_bytes})
+                     "step_memory_bytes": rs[0].step_memory_bytes,
+                     "predicted_step_memory_bytes": _predicted_memory((plans or {}).get(variant))})
     return rows
+
+
+def _predicted_memory(plan) -> float | None:
+    """The whole-step memory a plan predicts (``use`` with a step profile), else None."""
+    if plan is None or "step_cost" not in plan.metadata:
+        return None
+    return float(plan.use["vram_bytes"])
 
 
 def comparison_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The Markdown comparison table of :func:`summarise`'s rows (as written or read back)."""
     lines = ["| variant | test acc. % (mean ± std) | val acc. % | adapter params | trainable "
-             "params (incl. head) | train s | step memory MiB |",
+             "params (incl. head) | train s | step memory MiB: XLA (predicted) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mem = "n/a" if r["step_memory_bytes"] is None else f"{r['step_memory_bytes'] / 2**20:.0f}"
+        if r.get("predicted_step_memory_bytes") is not None:
+            mem += f" ({r['predicted_step_memory_bytes'] / 2**20:.0f})"
         ap = "—" if r["adapter_params"] is None else f"{r['adapter_params']:,}"
         lines.append(f"| {r['variant']} | {r['test_accuracy_mean']:.2f} ± {r['test_accuracy_std']:.2f}"
                      f" | {r['val_accuracy_mean']:.2f} ± {r['val_accuracy_std']:.2f} | {ap} | "
