@@ -147,3 +147,119 @@ def test_profile_refuses_a_stack_whose_scan_does_not_slice_the_sink():
     with pytest.raises(ValueError, match="stacked unit 'layers/fc1'.*axis 0"):
         profile(Broadcasting(nnx.Rngs(0)), loss_fn, batches(1),
                 sites=[s for s in discover_sites(Scanned(nnx.Rngs(0))) if s.path == "layers/0/fc1"])
+
+
+# ------------------------------------------------------------------------- LoRA per layer
+
+
+def perturb_b(model):
+    """Random non-zero B factors (A is random already), so the LoRA term is not zero."""
+    for _, m in nnx.iter_modules(model):
+        if hasattr(m, "peft_lora_b"):
+            b = m.peft_lora_b
+            b[...] = jax.random.normal(jax.random.key(7), b.shape, b.dtype)
+    return model
+
+
+def unstacked_reference(model, wrapped, x, ranks, alpha=16.0):
+    """The forward pass with each layer's LoRA added to its kernel by hand (no scan, no mask):
+    kernel_i + alpha / r_i * A_i[:, :r_i] @ B_i[:r_i]."""
+    layers = nnx.state(model.layers, nnx.Param).to_pure_dict()
+    lw = wrapped.layers.fc1
+    a, b = np.asarray(lw.peft_lora_a[...]), np.asarray(lw.peft_lora_b[...])
+
+    def layer(h, i):
+        p = jax.tree.map(lambda v: v[i], layers)
+        k = p["fc1"]["kernel"] + (alpha / ranks[i] * a[i, :, :ranks[i]] @ b[i, :ranks[i]]
+                                  if ranks[i] else 0.0)
+        n = p["norm"]
+        hn = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+        hn = hn * n["scale"] + n["bias"]
+        z = jax.nn.gelu(hn @ k + p["fc1"]["bias"])
+        return h + z @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+
+    h = wrapped.embed(x)
+    for i in range(L):
+        h = layer(h, i)
+    return wrapped.head(h)  # its own (unstacked) LoRA
+
+
+def test_lora_with_different_ranks_per_layer_pads_and_masks():
+    model, x = Scanned(nnx.Rngs(0)), jnp.asarray(batches(1)[0]["x"])
+    ranks = (3, 0, 1)  # layer 1 gets no LoRA
+    plan = {f"layers/{i}/fc1": ("lora", r) for i, r in enumerate(ranks) if r}
+    plan["head"] = ("lora", 2)
+    wrapped = apply_plan(model, plan)
+    lora = wrapped.layers.fc1
+    assert lora.peft_lora_a.shape == (L, D, 3) and lora.peft_lora_b.shape == (L, 3, H)
+    a = np.asarray(lora.peft_lora_a[...])
+    assert np.all(a[0] != 0) and np.all(a[1] == 0) and np.all(a[2, :, 1:] == 0) and np.all(a[2, :, 0] != 0)
+    np.testing.assert_array_equal(np.asarray(lora.lora_mask[...]),
+                                  np.float32([[16 / 3] * 3, [0, 0, 0], [16.0, 0, 0]]))
+    assert applied_plan(wrapped) == plan
+    # identity at init, then created params == the cost: L * max rank * (d_in + d_out), padding in
+    np.testing.assert_array_equal(np.asarray(wrapped(x)), np.asarray(model(x)))
+    from layerlens_jax._src.peft.stacked_lora import stacked_lora_params
+    sites = discover_sites(model)
+    assert stacked_lora_params(plan, sites) == {"layers/fc1": L * 3 * (D + H)}
+    assert count_trainable(wrapped) == L * 3 * (D + H) + 2 * (D + 2)
+    # the forward equals a hand-built per-layer reference with the true ranks
+    perturb_b(wrapped)
+    np.testing.assert_allclose(wrapped(x), unstacked_reference(model, wrapped, x, ranks),
+                               rtol=1e-5, atol=1e-5)
+    # padded columns and the LoRA-free layer get exactly zero gradient
+    def loss(w):
+        return jnp.sum(w(x) ** 2)
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(wrapped)
+    ga = np.asarray(grads["layers"]["fc1"]["peft_lora_a"][...])
+    gb = np.asarray(grads["layers"]["fc1"]["peft_lora_b"][...])
+    assert np.all(ga[1] == 0) and np.all(gb[1] == 0) and np.all(ga[2, :, 1:] == 0)
+    assert np.all(gb[2, 1:] == 0) and np.any(ga[0] != 0) and np.any(gb[2, 0] != 0)
+    # merge per layer: merged == unmerged
+    merged = merge(wrapped)
+    assert type(merged.layers.fc1).__name__ == "Linear" and count_trainable(merged) == 0
+    np.testing.assert_allclose(merged(x), wrapped(x), rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_sites_refuse_adapter_and_prefix():
+    model = Scanned(nnx.Rngs(0), attention=True)
+    with pytest.raises(ValueError, match="prefix to site 'layers/1/attn'.*only LoRA"):
+        apply_plan(model, {"layers/1/attn": ("prefix", 2)})
+    with pytest.raises(ValueError, match="prefix to site 'layers/attn'.*only LoRA"):
+        apply_plan(model, {"layers/attn": ("prefix", 2)})
+    with pytest.raises(ValueError, match="'layers/fc1' and also some of its layers"):
+        apply_plan(model, {"layers/fc1": ("lora", 2), "layers/0/fc1": ("lora", 1)})
+    # the cost model's option mask refuses them at allocation time too
+    from layerlens_jax._src.costs import Catalogue, option_mask
+    sites = [s for s in discover_sites(model, example=jnp.zeros((1, 5, 2)))
+             if s.path in ("layers/1/attn", "layers/1/fc1", "head")]
+    cat = Catalogue.from_sizes(lora=(1,), prefix=(1,), adapter=(2,))
+    mask = option_mask(sites, cat.options(), cat)
+    allowed = {s.path: {o[0] for o, ok in zip(cat.options(), row) if ok} for s, row in zip(sites, mask)}
+    assert allowed == {"head": {"lora"}, "layers/1/attn": set(), "layers/1/fc1": {"lora"}}
+    unstacked = [s for s in discover_sites(Scanned(nnx.Rngs(0), attention=True), kinds=["attention"])]
+    assert all(s.stacked_module == "layers/attn" for s in unstacked)
+
+
+def test_linen_scan_is_refused_by_profile_naming_the_site():
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.Dense(4, name="fc")(x), None
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                            length=L, name="layers")
+            return stack()(x, None)[0]
+
+    model, x = Model(), jnp.ones((4, 4))
+    variables = model.init(jax.random.key(0), x)
+
+    def linen_loss(v, batch):
+        return jnp.sum(model.apply(v, batch["x"]) ** 2, axis=-1)
+
+    with pytest.raises(ValueError, match="'layers/fc'.*stacked Linen layers.*not supported"):
+        profile(model, linen_loss, [{"x": x}], variables=variables)

@@ -121,6 +121,8 @@ class Site:
       num_heads / head_dim: for attention sites.
       tokens_per_example: positions per example in the site's input (sequence length), when
         discovered with example inputs.
+      stacked_module: for one layer of a stack built with ``nnx.vmap`` (path ``layers/3/fc1``), the
+        path of the stacked module (``layers/fc1``) whose parameters carry the layer axis; else None.
     """
 
     path: str
@@ -133,6 +135,7 @@ class Site:
     num_heads: int | None = None
     head_dim: int | None = None
     tokens_per_example: int | None = None
+    stacked_module: str | None = None  # for one layer of an nnx.vmap stack: the stacked module
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (parameter shapes as lists)."""
@@ -230,8 +233,9 @@ def _discover_nnx(model: nnx.Module, example: tuple | None) -> list[Site]:
             sites.append(_make_site(path, kind, module, shapes, io_shapes.get(path)))
             continue
         per_layer = {k: v[1:] for k, v in shapes.items()}  # the layer axis removed
-        sites.extend(_make_site(layer_path(path, root, i), kind, module, per_layer,
-                                io_shapes.get(path)) for i in range(stacks[root]))
+        sites.extend(dataclasses.replace(
+            _make_site(layer_path(path, root, i), kind, module, per_layer, io_shapes.get(path)),
+            stacked_module=path) for i in range(stacks[root]))
     return sites
 
 
