@@ -237,7 +237,8 @@ def test_stacked_sites_refuse_adapter_and_prefix():
     cat = Catalogue.from_sizes(lora=(1,), prefix=(1,), adapter=(2,))
     mask = option_mask(sites, cat.options(), cat)
     allowed = {s.path: {o[0] for o, ok in zip(cat.options(), row) if ok} for s, row in zip(sites, mask)}
-    assert allowed == {"head": {"lora"}, "layers/1/attn": set(), "layers/1/fc1": {"lora"}}
+    assert allowed == {"head": {"none", "lora"}, "layers/1/attn": {"none"},
+                       "layers/1/fc1": {"none", "lora"}}
     unstacked = [s for s in discover_sites(Scanned(nnx.Rngs(0), attention=True), kinds=["attention"])]
     assert all(s.stacked_module == "layers/attn" for s in unstacked)
 
@@ -252,8 +253,8 @@ def test_linen_scan_is_refused_by_profile_naming_the_site():
         @nn.compact
         def __call__(self, x):
             stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                            length=L, name="layers")
-            return stack()(x, None)[0]
+                            length=L)
+            return stack(name="layers")(x, None)[0]
 
     model, x = Model(), jnp.ones((4, 4))
     variables = model.init(jax.random.key(0), x)
@@ -262,4 +263,5 @@ def test_linen_scan_is_refused_by_profile_naming_the_site():
         return jnp.sum(model.apply(v, batch["x"]) ** 2, axis=-1)
 
     with pytest.raises(ValueError, match="'layers/fc'.*stacked Linen layers.*not supported"):
-        profile(model, linen_loss, [{"x": x}], variables=variables)
+        profile(model, linen_loss, [{"x": x}], variables=variables,
+                sites=discover_sites(model, variables, example=x))

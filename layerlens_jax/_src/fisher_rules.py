@@ -423,6 +423,21 @@ def _rule_for_linen(mod: nn.Module, own: list[str], sub: Mapping,
     return LocalVJPRule(apply)
 
 
+def _refuse_linen_stack(mod: nn.Module, path: str, params0: Mapping, sites: list[Site]) -> None:
+    """``ValueError`` naming the site when unit ``path`` runs inside ``nn.scan`` / ``nn.vmap``: its
+    stored parameters carry a layer axis the module does not see (not supported for Linen)."""
+    seen = mod.variables.get("params", {})
+    stored = _subtree(params0, path)
+    for name, value in seen.items():
+        if name in stored and not isinstance(value, Mapping) and \
+                tuple(np.shape(stored[name])) != tuple(np.shape(value)):
+            site = next((s.path for s in sites if is_under(path, s.path)), path)
+            raise ValueError(f"site {site!r}: unit {path!r} runs inside a Linen nn.scan / nn.vmap "
+                             f"(stored {name} {tuple(np.shape(stored[name]))}, one layer sees "
+                             f"{tuple(np.shape(value))}); stacked Linen layers are not supported by "
+                             f"profile: build the stack with nnx.vmap + nnx.scan, or unroll it")
+
+
 def tap_linen(module: nn.Module, variables: Mapping, sites: list[Site], *,
               precision: str = DEFAULT_TAP_PRECISION) -> TappedModel:
     """Split Linen variables; the forward pass taps every unit under ``sites`` by interception
@@ -461,6 +476,7 @@ def tap_linen(module: nn.Module, variables: Mapping, sites: list[Site], *,
                 return out
             path = join_path(c.module.scope.path)
             if path in owners and args:
+                _refuse_linen_stack(c.module, path, params0, sites)
                 if isinstance(rule_for(c.module, path), LocalVJPRule):
                     sub = c.module.variables.get("params", {})
                     ctx.own_params[path] = {k: sub[k] for k in owners[path]}
