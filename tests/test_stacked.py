@@ -68,8 +68,8 @@ def reference_stats(model, data, site_paths):
     def one(p, x, y):
         return loss_fn(nnx.merge(graphdef, p, rest), {"x": x[None], "y": y[None]})[0]
 
-    grads = [flatten_paths(jax.vmap(jax.grad(one), (None, 0, 0))(params, b["x"], b["y"])
-                           .to_pure_dict()) for b in data]
+    per_example = jax.jit(jax.vmap(jax.grad(one), (None, 0, 0)))
+    grads = [flatten_paths(per_example(params, b["x"], b["y"]).to_pure_dict()) for b in data]
     per_leaf = {}  # per-layer leaf path -> (N, size)
     for leaf in grads[0]:
         g = np.concatenate([np.asarray(gr[leaf], np.float64) for gr in grads])
