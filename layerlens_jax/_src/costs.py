@@ -404,6 +404,8 @@ def option_mask(sites: Sequence[Site], options: Sequence[tuple[str, int]],
                 raise ValueError(f"unknown method {method!r} in the options; expected {METHODS}")
             if not catalogue.compatible(site.kind, method):
                 continue
+            if getattr(site, "stacked_module", None) and method not in ("none", "lora"):
+                continue  # a layer of an nnx.vmap stack takes LoRA only (peft/stacked_lora.py)
             if catalogue.cap_sizes and method == "lora" and site.in_features and site.out_features:
                 if size > min(site.in_features, site.out_features):
                     continue

@@ -42,6 +42,8 @@ from flax import nnx
 
 from layerlens_jax._src.sites import (Site, flatten_paths, get_submodule, join_path,
                                       set_submodule)
+from layerlens_jax._src.stacked import (StackedTap, expand_leaf_paths, find_stacks, layer_paths,
+                                        leaf_squares_fn)
 
 __all__ = ["DEFAULT_TAP_PRECISION", "TAP_PRECISIONS", "DenseRule", "EmbedRule", "LocalVJPRule", "TappedModel", "is_under", "tap_linen",
            "tap_nnx"]
@@ -212,7 +214,11 @@ class _TapContext:
         self.calls: dict[str, int] = {}
 
     def tap(self, path: str, y, x):
-        unit = self.units[path]
+        return self.tap_with(path, self.units[path].rule, y, x, self.sinks[path],
+                             self.own_params.get(path, ()))
+
+    def tap_with(self, path: str, rule, y, x, sink, aux):
+        """The tap of unit ``path`` with an explicit rule, sink and own parameters."""
         self.calls[path] = self.calls.get(path, 0) + 1
         if self.calls[path] > 1:
             raise NotImplementedError(
@@ -223,8 +229,7 @@ class _TapContext:
                 f"site unit {path!r} sees an input of shape {getattr(x, 'shape', None)} whose leading "
                 f"axis is not the example axis (batch {self.batch_size}); per-example statistics "
                 "need the example axis first at every site (broadcast e.g. position ids to (B, T))")
-        aux = self.own_params.get(path, ())
-        return _tap(_RuleBox(unit.rule), y, x, self.sinks[path], aux)
+        return _tap(_RuleBox(rule), y, x, sink, aux)
 
 
 class _NNXTap:
@@ -277,6 +282,9 @@ class TappedModel:
     param_paths: tuple[str, ...]  # parameter leaf paths, in tree-flattening order of ``params``
     params: Any  # the parameters (differentiated)
     rest: Any  # every other variable (held fixed)
+    # tree -> squared norm per entry of ``param_paths`` (a stacked leaf: one per layer slice);
+    # None: one per leaf
+    leaf_squares: Callable[[Any], jax.Array] | None = None
 
 
 # ------------------------------------------------------------------------------------ NNX
@@ -310,25 +318,52 @@ def _rule_for_nnx(module, own, precision: str = DEFAULT_TAP_PRECISION) -> Any:
     return LocalVJPRule(apply)
 
 
-def _nnx_units(model: nnx.Module, sites: list[Site], precision: str) -> dict[str, _Unit]:
+def _nnx_units(model: nnx.Module, sites: list[Site], precision: str,
+               stacks: Mapping[str, int]) -> dict[str, _Unit]:
+    """The parameter units under ``sites``; a stacked unit (rule None: chosen per layer, inside
+    the scan) is kept when one of its per-layer paths lies under a site."""
     units = {}
     for parts, module in nnx.iter_modules(model):
         path = join_path(parts)
         own = _own_param_names_nnx(module)
-        if not own or not any(is_under(path, s.path) for s in sites):
+        per_layer = layer_paths(path, stacks)
+        if not own or not any(is_under(q, s.path) for q in per_layer for s in sites):
             continue
-        units[path] = _Unit(path=path, rule=_rule_for_nnx(module, own, precision),
-                            param_paths=tuple(_child(path, k) for k in own))
+        rule = None if per_layer != [path] else _rule_for_nnx(module, own, precision)
+        units[path] = _Unit(path=path, rule=rule, param_paths=tuple(_child(path, k) for k in own))
     return units
+
+
+def _stacked_tap(ctx: _TapContext, path: str, precision: str):
+    """The per-layer tap of the stacked unit ``path`` (see :class:`StackedTap`): its rule and own
+    parameters are read from the layer slice the scan passes in."""
+    def tap(inner, x, y, sink, extra):
+        own = _own_param_names_nnx(inner)
+        rule = _rule_for_nnx(inner, own, precision)
+        if extra and not isinstance(rule, (DenseRule, EmbedRule)):
+            raise NotImplementedError(f"site unit {path!r} is called with extra arguments; only "
+                                      "single-input units are supported")
+        if tuple(sink.shape) != (ctx.batch_size,):
+            raise ValueError(f"stacked unit {path!r} received its per-layer sink with shape "
+                             f"{tuple(sink.shape)}, not ({ctx.batch_size},): the model must run the "
+                             f"stack through nnx.scan (or a loop) slicing every variable of the "
+                             f"layer along axis 0")
+        aux = _own_state_nnx(inner) if isinstance(rule, LocalVJPRule) else ()
+        return ctx.tap_with(path, rule, y, x, sink, aux)
+
+    return tap
 
 
 def tap_nnx(model: nnx.Module, sites: list[Site], *,
             precision: str = DEFAULT_TAP_PRECISION) -> TappedModel:
     """Split an NNX model; its forward pass swaps every unit under ``sites`` for a tap
     (``precision``: of the dense taps' products, a key of :data:`TAP_PRECISIONS`)."""
-    units = _nnx_units(model, sites, check_tap_precision(precision))
+    stacks = find_stacks(model)
+    units = _nnx_units(model, sites, check_tap_precision(precision), stacks)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_paths = tuple(flatten_paths(params.to_pure_dict()).keys())
+    layer_param_paths, layer_counts = expand_leaf_paths(param_paths, stacks)
+    sink_paths = {path: layer_paths(path, stacks) for path in units}
     covered = {p for u in units.values() for p in u.param_paths}
     uncovered = [p for p in param_paths if p not in covered and
                  any(is_under(p.rpartition("/")[0], s.path) for s in sites)]
@@ -342,12 +377,18 @@ def tap_nnx(model: nnx.Module, sites: list[Site], *,
                if isinstance(unit.rule, LocalVJPRule)}
         ctx = _TapContext(units, sinks, own, _batch_size_of(sinks))
         for path in sorted(units, key=lambda p: -p.count("/")):
-            if path:
+            if units[path].rule is None:  # stacked: per-layer sinks (L, B), sliced by the scan
+                sink = jnp.stack([sinks[q] for q in sink_paths[path]])
+                set_submodule(m, path, StackedTap(get_submodule(m, path), sink,
+                                                  _stacked_tap(ctx, path, precision)))
+            elif path:
                 set_submodule(m, path, _NNXTap(get_submodule(m, path), path, ctx))
         return fn(m, batch) if key is None else fn(m, batch, key)
 
-    return TappedModel(forward_losses=forward_losses, unit_paths=tuple(sorted(units)),
-                       param_paths=param_paths, params=params, rest=rest)
+    return TappedModel(forward_losses=forward_losses,
+                       unit_paths=tuple(sorted(q for qs in sink_paths.values() for q in qs)),
+                       param_paths=layer_param_paths, params=params, rest=rest,
+                       leaf_squares=leaf_squares_fn(layer_counts))
 
 
 # ---------------------------------------------------------------------------------- Linen
@@ -380,6 +421,21 @@ def _rule_for_linen(mod: nn.Module, own: list[str], sub: Mapping,
         return clone.apply({"params": {**children, **own_params}}, x)
 
     return LocalVJPRule(apply)
+
+
+def _refuse_linen_stack(mod: nn.Module, path: str, params0: Mapping, sites: list[Site]) -> None:
+    """``ValueError`` naming the site when unit ``path`` runs inside ``nn.scan`` / ``nn.vmap``: its
+    stored parameters carry a layer axis the module does not see (not supported for Linen)."""
+    seen = mod.variables.get("params", {})
+    stored = _subtree(params0, path)
+    for name, value in seen.items():
+        if name in stored and not isinstance(value, Mapping) and \
+                tuple(np.shape(stored[name])) != tuple(np.shape(value)):
+            site = next((s.path for s in sites if is_under(path, s.path)), path)
+            raise ValueError(f"site {site!r}: unit {path!r} runs inside a Linen nn.scan / nn.vmap "
+                             f"(stored {name} {tuple(np.shape(stored[name]))}, one layer sees "
+                             f"{tuple(np.shape(value))}); stacked Linen layers are not supported by "
+                             f"profile: build the stack with nnx.vmap + nnx.scan, or unroll it")
 
 
 def tap_linen(module: nn.Module, variables: Mapping, sites: list[Site], *,
@@ -420,6 +476,7 @@ def tap_linen(module: nn.Module, variables: Mapping, sites: list[Site], *,
                 return out
             path = join_path(c.module.scope.path)
             if path in owners and args:
+                _refuse_linen_stack(c.module, path, params0, sites)
                 if isinstance(rule_for(c.module, path), LocalVJPRule):
                     sub = c.module.variables.get("params", {})
                     ctx.own_params[path] = {k: sub[k] for k in owners[path]}

@@ -123,6 +123,7 @@ class ProfileStep:
         tapped = (tap_nnx(model, list(self.sites), precision=precision) if is_nnx
                   else tap_linen(model, variables, list(self.sites), precision=precision))
         self._params, self._rest = tapped.params, tapped.rest
+        self.leaf_squares = jax.jit(tapped.leaf_squares or _leaf_sq)  # per entry of param_paths
         self._step = _make_step(tapped, loss_fn, sample_loss_fn, n,
                                 example_mask_key, token_mask_key)
         self.site_unit, self.site_leaf = _membership(self.sites, tapped.unit_paths,
@@ -220,8 +221,6 @@ def _leaf_sq(tree):
     return jnp.stack([jnp.sum(jnp.square(l.astype(jnp.float32))) for l in jax.tree.leaves(tree)])
 
 
-_leaf_sq_jit = jax.jit(_leaf_sq)
-
 
 def _site_sums(membership, values, xp=jnp):
     """Per site, the sum of ``values`` over its members (a 0/1 site × member matrix).
@@ -232,13 +231,15 @@ def _site_sums(membership, values, xp=jnp):
     return xp.sum(xp.where(membership > 0, values[None, :], 0.0), axis=1)
 
 
-def _reduce(sinks_grad, sinks_grad_s, param_grads, unit_paths, site_unit, site_leaf):
+def _reduce(sinks_grad, sinks_grad_s, param_grads, unit_paths, site_unit, site_leaf,
+            leaf_squares=_leaf_sq):
     """Per-site Fisher sums, squared gradient norms and sampled Fisher sums of one batch."""
     def fisher(sinks):
         return None if sinks is None else _site_sums(
             site_unit, jnp.stack([jnp.sum(sinks[u]) for u in unit_paths]))
 
-    return fisher(sinks_grad), _site_sums(site_leaf, _leaf_sq(param_grads)), fisher(sinks_grad_s)
+    return (fisher(sinks_grad), _site_sums(site_leaf, leaf_squares(param_grads)),
+            fisher(sinks_grad_s))
 
 
 def _make_step(tapped: TappedModel, loss_fn, sample_loss_fn, n, ex_key, tok_key):
@@ -260,7 +261,7 @@ def _make_step(tapped: TappedModel, loss_fn, sample_loss_fn, n, ex_key, tok_key)
         if isinstance(param_grads, nnx.State):
             param_grads = param_grads.to_pure_dict()
         reduced = _reduce(sink_grads, sink_grads_s, param_grads, tapped.unit_paths, site_unit,
-                          site_leaf)
+                          site_leaf, tapped.leaf_squares or _leaf_sq)
         return (param_grads, *reduced, jnp.sum(w), tokens)
 
     return jax.jit(step)
@@ -435,7 +436,7 @@ def _finish(step: ProfileStep, totals: _Totals) -> LayerStats:
     n_ex = totals.num_examples
     if n_ex <= 0:
         raise ValueError("profile saw no examples (every example_mask was 0)")
-    leaf_sq = np.asarray(_leaf_sq_jit(totals.grad_sum), np.float64)
+    leaf_sq = np.asarray(step.leaf_squares(totals.grad_sum), np.float64)
     grad_norm = np.sqrt(_site_sums(step.site_leaf, leaf_sq, xp=np)) / n_ex
     _check_finite(totals.num_batches - 1, [s.path for s in step.sites], {"grad_norm": grad_norm})
     return LayerStats(grad_norm=grad_norm, fisher_trace=totals.fisher / n_ex,

@@ -29,6 +29,8 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
+from layerlens_jax._src.stacked import find_stacks, layer_path, stack_root
+
 __all__ = [
     "KINDS",
     "Site",
@@ -119,6 +121,8 @@ class Site:
       num_heads / head_dim: for attention sites.
       tokens_per_example: positions per example in the site's input (sequence length), when
         discovered with example inputs.
+      stacked_module: for one layer of a stack built with ``nnx.vmap`` (path ``layers/3/fc1``), the
+        path of the stacked module (``layers/fc1``) whose parameters carry the layer axis; else None.
     """
 
     path: str
@@ -131,6 +135,7 @@ class Site:
     num_heads: int | None = None
     head_dim: int | None = None
     tokens_per_example: int | None = None
+    stacked_module: str | None = None  # for one layer of an nnx.vmap stack: the stacked module
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (parameter shapes as lists)."""
@@ -215,6 +220,7 @@ def _features_from_params(kind: str, module: Any, shapes: Mapping[str, tuple[int
 
 def _discover_nnx(model: nnx.Module, example: tuple | None) -> list[Site]:
     io_shapes = _nnx_io_shapes(model, example) if example is not None else {}
+    stacks = find_stacks(model)  # layers stacked by nnx.vmap: one site per layer
     sites = []
     for parts, module in nnx.iter_modules(model):
         path = join_path(parts)
@@ -222,7 +228,14 @@ def _discover_nnx(model: nnx.Module, example: tuple | None) -> list[Site]:
         if kind is None or not path:
             continue
         shapes = _shape_dict(nnx.state(module, nnx.Param).to_pure_dict())
-        sites.append(_make_site(path, kind, module, shapes, io_shapes.get(path)))
+        root = stack_root(path, stacks)
+        if root is None:
+            sites.append(_make_site(path, kind, module, shapes, io_shapes.get(path)))
+            continue
+        per_layer = {k: v[1:] for k, v in shapes.items()}  # the layer axis removed
+        sites.extend(dataclasses.replace(
+            _make_site(layer_path(path, root, i), kind, module, per_layer, io_shapes.get(path)),
+            stacked_module=path) for i in range(stacks[root]))
     return sites
 
 
@@ -253,10 +266,17 @@ def _make_site(path, kind, module, shapes, io) -> Site:
                 tokens_per_example=None if tokens is None else int(tokens))
 
 
-class _CallRecorder:
+class _Record(dict):
+    """The recorder's results, a static (hashed by identity) attribute of an NNX module."""
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+class _CallRecorder(nnx.Module):
     """Stands in for a site module during an abstract trace; records, in the order the sites are
     *entered* (a block before the layers inside it), the first call's input shape and dtype and its
-    output shape."""
+    output shape. An ``nnx.Module``, so it travels through ``nnx.scan`` / ``nnx.vmap``."""
 
     def __init__(self, inner, path, record):
         self._inner, self._path, self._record = inner, path, record
@@ -272,7 +292,10 @@ class _CallRecorder:
         return out
 
     def __getattr__(self, name):
-        return getattr(self._inner, name)
+        inner = vars(self).get("_inner")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
 
 
 def split_example(example) -> tuple[tuple, dict]:
@@ -290,7 +313,7 @@ def trace_site_calls(model: nnx.Module, example) -> dict[str, tuple]:
     ``model(*example)``, in the order the sites are entered."""
     args, kwargs = split_example(example)
     graphdef, state = nnx.split(model)
-    record: dict[str, tuple] = {}
+    record: dict[str, tuple] = _Record()
 
     def run(state, args, kwargs):
         m = nnx.merge(graphdef, state)
@@ -300,7 +323,7 @@ def trace_site_calls(model: nnx.Module, example) -> dict[str, tuple]:
         return m(*args, **kwargs)
 
     jax.eval_shape(run, state, args, kwargs)
-    return record
+    return dict(record)
 
 
 def _nnx_io_shapes(model: nnx.Module, example) -> dict[str, tuple]:

@@ -39,6 +39,7 @@ from layerlens_jax._src.methods import ADAPTER_METHODS, METHOD_KINDS, METHODS, P
 from layerlens_jax._src.peft.linen import PeftLinen, merge_linen
 from layerlens_jax._src.peft.nnx_modules import (PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
                                                  lora_target_info, prefix_target_info)
+from layerlens_jax._src.peft.stacked_lora import StackedLoRA, split_stacked_assignments
 from layerlens_jax._src.peft.tree import (PEFT_PREFIX, combine_params, flatten_tree,
                                           partition_params, unflatten_tree)
 from layerlens_jax._src.sites import Site, discover_sites, get_submodule, join_path, set_submodule, \
@@ -215,8 +216,16 @@ def apply_plan(model: Any, plan: Any, *, inplace: bool = False, example: Any = N
                         f"got {type(model).__name__}")
     if isinstance(opts.seed, bool) or not isinstance(opts.seed, int):
         raise ValueError(f"seed must be an int, got {opts.seed!r}")
+    assignments, stacked = split_stacked_assignments(model, assignments)  # per-layer LoRA
     site_info = _check_nnx_plan(model, assignments, example, sites)  # before any edit
+    for path in stacked:
+        lora_target_info(get_submodule(model, path), path)
     target = model if inplace else nnx.clone(model)
+    for path, (ranks, layer_sites) in stacked.items():
+        set_submodule(target, path, StackedLoRA(
+            get_submodule(target, path), ranks, alpha=opts.lora_alpha, use_rslora=opts.use_rslora,
+            dropout=opts.lora_dropout, param_dtype=opts.param_dtype,
+            rngs=_site_rngs(opts.seed, path), site=path, layer_sites=layer_sites))
     for site in sorted(assignments, key=lambda p: (-p.count("/"), p)):
         method, size = assignments[site]
         module = get_submodule(target, site)
@@ -252,7 +261,10 @@ def applied_plan(model: Any) -> dict[str, tuple[str, int]]:
     :class:`~layerlens_jax._src.peft.linen.PeftLinen`)."""
     if isinstance(model, nn.Module):
         return dict((s, (m, z)) for s, m, z in getattr(model, "assignments", ()))
-    return {m.site: (m.method, m.size) for m in _peft_modules(model)}
+    out = {}
+    for m in _peft_modules(model):
+        out.update(m.layer_assignments() if isinstance(m, StackedLoRA) else {m.site: (m.method, m.size)})
+    return out
 
 
 # ------------------------------------------------------------------------------- merge
