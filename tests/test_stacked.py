@@ -265,3 +265,34 @@ def test_linen_scan_is_refused_by_profile_naming_the_site():
     with pytest.raises(ValueError, match="'layers/fc'.*stacked Linen layers.*not supported"):
         profile(model, linen_loss, [{"x": x}], variables=variables,
                 sites=discover_sites(model, variables, example=x))
+
+
+# ------------------------------------------------------------------ allocation: exact costs
+
+
+def test_allocate_ties_the_layers_of_a_stack_so_created_params_equal_the_plan():
+    """Without any tie rule, allocate gives every layer of a stack one option (the storage is
+    padded to the largest rank anyway), so the plan's params are exactly what apply_plan creates;
+    a hand-made Plan with uneven ranks inside a stack is refused, naming the stack."""
+    import layerlens_jax as ll
+    from layerlens_jax._src.costs import Catalogue
+    from layerlens_jax._src.peft.stacked_lora import stacked_lora_params
+
+    model = Scanned(nnx.Rngs(0))
+    sites = discover_sites(model)
+    u = np.linspace(1.0, 0.2, len(sites))  # uneven utilities: an untied solve would split ranks
+    for budget in (60, 150, 400):
+        plan = ll.allocate(sites, u, {"params": budget}, catalogue=Catalogue.from_sizes(
+            lora=(1, 2, 3, 4)))
+        got = plan.assignments()
+        for leaf in ("fc1", "fc2"):
+            assert len({got.get(f"layers/{i}/{leaf}", ("none", 0)) for i in range(L)}) == 1
+        wrapped = apply_plan(model, plan)
+        assert count_trainable(wrapped) == plan.use["params"] <= budget
+        stacked = stacked_lora_params(got, sites)
+        rest = sum(a.cost["params"] for a in plan.allocations
+                   if not a.site.startswith("layers/"))
+        assert plan.use["params"] == sum(stacked.values()) + rest
+    with pytest.raises(ValueError, match="stacked module 'layers/fc1'"):
+        ll.Plan.from_assignments(sites, {"layers/0/fc1": ("lora", 2), "layers/1/fc1": ("lora", 1),
+                                         "layers/2/fc1": ("lora", 1)})

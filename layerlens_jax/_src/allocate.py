@@ -35,7 +35,7 @@ from layerlens_jax._src.plan import Plan
 from layerlens_jax._src.problem import Problem, allowed_options, build_problem
 from layerlens_jax._src.sites import Site
 from layerlens_jax._src.solver import SolverConfig, lagrangian_allocate
-from layerlens_jax._src.ties import tie_labels, tie_problem
+from layerlens_jax._src.ties import needs_ties, tie_labels, tie_problem
 from layerlens_jax._src.step_cost import StepProfile, depth_subproblems, with_step_use
 
 __all__ = ["allocate", "allocate_curve"]
@@ -129,9 +129,9 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
                               peft_options=peft_options, config=config,
                               step_profile=step_profile, tie=tie),
             sites, budgets, pinned)
-    if tie is not None and step_profile is not None:
-        raise ValueError("allocate: tie and step_profile cannot be combined (the lowest adapted "
-                         "depth of a tied group spans layers); pass one of them")
+    if needs_ties(sites, tie) and step_profile is not None:
+        raise ValueError("allocate: tie (or stacked layers, always tied) and step_profile cannot "
+                         "be combined: the lowest adapted depth of a tied group spans layers")
     t0 = time.perf_counter()
     if step_profile is not None and cost_model is None:  # the batch shape the profile holds for
         cost_model = CostModel(batch_size=step_profile.batch_size, seq_len=step_profile.seq_len)
@@ -142,11 +142,11 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
     if step_profile is not None:
         return _allocate_over_depth(problem, step_profile, config, peft_options, t1 - t0)
     labels, solved, extra = None, problem, {}
-    if tie is not None:
+    if needs_ties(problem.sites, tie):  # a tie rule, or the layers of an nnx.scan stack
         labels, keys = tie_labels(problem.sites, tie, problem.pinned)
         solved = tie_problem(problem, labels)
-        extra["tie"] = {"rule": tie if isinstance(tie, str) else getattr(tie, "__name__", "custom"),
-                        "groups": len(keys)}
+        extra["tie"] = {"rule": tie if isinstance(tie, str) or tie is None
+                        else getattr(tie, "__name__", "custom"), "groups": len(keys)}
     gain, cost, mask, group = _device_arrays(solved)
     sol = lagrangian_allocate(gain, cost, mask, jnp.asarray(solved.budget, jnp.float32), group,
                               config=config)

@@ -18,7 +18,7 @@ from layerlens_jax._src.costs import Catalogue, CostModel, GainModel
 from layerlens_jax._src.plan import Plan
 from layerlens_jax._src.problem import allowed_options, build_problem
 from layerlens_jax._src.sites import Site
-from layerlens_jax._src.ties import tie_labels, tie_problem
+from layerlens_jax._src.ties import needs_ties, tie_labels, tie_problem
 
 __all__ = ["allocate_exact", "dual_value", "solve_exact"]
 
@@ -161,7 +161,7 @@ def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float],
     lowest adapted depth group (see :func:`solve_exact`). With ``tie`` (as in ``allocate``) the
     MILP has one row per group; not combinable with ``exclusive_nesting`` or ``step_profile``.
     """
-    if tie is not None and (exclusive_nesting or step_profile is not None):
+    if needs_ties(sites, tie) and (exclusive_nesting or step_profile is not None):
         raise ValueError("allocate_exact: tie cannot be combined with exclusive_nesting or "
                          "step_profile")
     t0 = time.perf_counter()
@@ -183,7 +183,7 @@ def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float],
         depth = (site_depths(step_profile, problem.sites),
                  np.stack([step_profile.fixed(r) for r in problem.resources]))
     solved, labels = problem, None
-    if tie is not None:
+    if needs_ties(problem.sites, tie):
         labels, _ = tie_labels(problem.sites, tie, problem.pinned)
         solved = tie_problem(problem, labels)
     choice, _, bound, message = solve_exact(solved.gain, solved.cost_rso, solved.mask,

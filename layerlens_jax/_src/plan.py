@@ -347,6 +347,7 @@ class Plan:
                 raise ValueError(f"assignment for site {path!r}: method {method!r} is incompatible "
                                  f"with its kind {kind!r}")
             chosen[index[path]] = (method, int(size))
+        _check_stacks_share_options(sites, chosen)
         u = np.zeros(len(sites)) if utility is None else np.asarray(utility, np.float64)
         if u.shape != (len(sites),):
             raise ValueError(f"utility must have one value per site: shape {u.shape}, "
@@ -530,3 +531,19 @@ def uniform_assignments(sites: Sequence[Site], method: str = "lora", size: int =
     if not out:
         raise ValueError(f"no site matches {names} for method {method!r}")
     return out
+
+
+def _check_stacks_share_options(sites: Sequence[Site], chosen: Sequence[tuple[str, int]]) -> None:
+    """A plan's layers of one ``nnx.scan`` stack must share one option: ``apply_plan`` stores one
+    padded LoRA of the largest rank for the whole stack, so uneven per-layer options would cost
+    more than the plan reports (``apply_plan`` takes them from a plain dict, unpriced)."""
+    seen: dict[str, tuple[str, tuple[str, int]]] = {}
+    for site, option in zip(sites, chosen):
+        stack = getattr(site, "stacked_module", None)
+        if not stack:
+            continue
+        first = seen.setdefault(stack, (site.path, option))
+        if first[1] != option:
+            raise ValueError(f"sites {first[0]!r} {first[1]} and {site.path!r} {option} are layers "
+                             f"of the stacked module {stack!r}: a Plan gives every layer of a "
+                             f"stack one option (it is stored padded to the largest)")

@@ -9,7 +9,11 @@ original one with each group collapsed into one row (gains and costs summed over
 an option allowed only if it is allowed at every member), so the solver, the float64 budget
 repair and the dual bound are unchanged; the bound certifies the *tied* problem's optimum.
 
-Pinned sites are never tied (each stays its own group).
+Pinned sites are never tied (each stays its own group), except the layers of an ``nnx.scan``
+stack (``Site.stacked_module``): they are always one group, with or without ``tie``, because
+``apply_plan`` stores one padded LoRA of the stack's largest rank for all of them (per-layer ranks
+would cost ``L x max rank``, more than the sum of their per-site costs); a pin on one of them must
+be shared by all.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 from layerlens_jax._src.problem import Problem, allowed_options
 from layerlens_jax._src.sites import Site
 
-__all__ = ["TIES", "tie_key", "tie_labels", "tie_problem"]
+__all__ = ["TIES", "needs_ties", "tie_key", "tie_labels", "tie_problem"]
 
 TIES = ("layers",)  # the named tie rules; a callable ``Site -> str`` is accepted too
 
@@ -41,15 +45,23 @@ def tie_key(path: str) -> str:
     return "/".join(parts)
 
 
-def tie_labels(sites: Sequence[Site], tie: str | Callable[[Site], str],
+def needs_ties(sites: Sequence[Site], tie) -> bool:
+    """Whether allocation must go through :func:`tie_labels`: a ``tie`` rule, or stacked sites."""
+    return tie is not None or any(getattr(s, "stacked_module", None) for s in sites)
+
+
+def tie_labels(sites: Sequence[Site], tie: str | Callable[[Site], str] | None,
                pinned: Sequence[bool] | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
     """``(labels [S], keys [G])``: each site's group and the groups' keys, in first-seen order.
 
-    ``tie``: ``"layers"`` (:func:`tie_key`) or a function from a site to its group key. Sites of one
-    group must have the same kind and parameter shapes (else their costs differ in ways the group
-    hides); a ``ValueError`` names the two sites. ``pinned`` sites form groups of their own.
+    ``tie``: ``"layers"`` (:func:`tie_key`), a function from a site to its group key, or None (only
+    the layers of a stack are tied). Sites of one group must have the same kind and parameter
+    shapes (else their costs differ in ways the group hides); a ``ValueError`` names the two
+    sites. ``pinned`` sites form groups of their own, except stacked layers (module docstring).
     """
-    if callable(tie):
+    if tie is None:
+        key_of = lambda s: s.path  # noqa: E731
+    elif callable(tie):
         key_of = tie
     elif tie == "layers":
         key_of = lambda s: tie_key(s.path)  # noqa: E731
@@ -60,9 +72,13 @@ def tie_labels(sites: Sequence[Site], tie: str | Callable[[Site], str],
     first: dict[str, Site] = {}
     labels = np.empty(len(sites), np.int64)
     for i, site in enumerate(sites):
-        key = site.path if pinned[i] else str(key_of(site))
-        if pinned[i]:
-            key = f"{key} (pinned)"
+        stack = getattr(site, "stacked_module", None)
+        if stack:
+            key = f"{stack} (stack)"
+        elif pinned[i]:
+            key = f"{site.path} (pinned)"
+        else:
+            key = str(key_of(site))
         if key in first and (first[key].kind, first[key].param_shapes) != (
                 site.kind, site.param_shapes):
             raise ValueError(f"tie: sites {first[key].path!r} and {site.path!r} share the group "
@@ -87,5 +103,11 @@ def tie_problem(problem: Problem, labels: np.ndarray) -> Problem:
         cost=np.einsum("gs,sor->gor", onehot, problem.cost), group=np.arange(n),
         pinned=problem.pinned[firsts])
     allowed = allowed_options(tied.cost_rso, allowed, problem.budget)  # a group's option must fit
+    stuck = np.flatnonzero(~allowed.any(axis=1))
+    if stuck.size:
+        site = tied.sites[int(stuck[0])]
+        raise ValueError(f"tied group of site {site.path!r} has no option allowed at every member "
+                         f"(different pins or size limits within the group, or its options "
+                         f"together exceed a budget)")
     return dataclasses.replace(tied, mask=allowed,
                                gain=np.where(allowed, onehot @ problem.gain, 0.0))
