@@ -19,9 +19,10 @@ Two layouts of the same maths, switched by ``DecoderConfig.scan_layers``:
 Module tree (site kinds in brackets; the scanned layout drops the ``{i}``)::
 
     embed [embedding]
-    layers/{i}/attn_norm [norm]     layers/{i}/attn [block]   layers/{i}/attn/{q,k,v,o}_proj [linear]
-    layers/{i}/mlp_norm [norm]      layers/{i}/mlp [block]    layers/{i}/mlp/{gate,up,down}_proj [linear]
-    final_norm [norm]               lm_head [linear]          (absent with tie_embeddings)
+    layers/{i}/attn_norm [norm]    layers/{i}/attn [block]    layers/{i}/attn/{q,k,v,o}_proj
+    layers/{i}/mlp_norm [norm]     layers/{i}/mlp [block]     layers/{i}/mlp/{gate,up,down}_proj
+    final_norm [norm]              lm_head [linear]  (absent with tie_embeddings)
+    every *_proj is [linear]
 
 Example:
   >>> import jax.numpy as jnp
@@ -124,14 +125,14 @@ class DecoderConfig:
 
 
 def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """``(cos, sin)`` of shape ``positions.shape + (head_dim // 2,)``: angle ``p * theta**(-2j/d)``."""
+    """``(cos, sin)``, shape ``positions.shape + (head_dim // 2,)``, of angles p / theta^(2j/d)."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x`` (..., T, heads, head_dim) by position: pair ``(x_j, x_{j+d/2})`` turns by angle j.
+    """Rotate ``x`` (..., T, heads, head_dim) by position: pair ``(x_j, x_{j+d/2})`` by angle j.
 
     ``cos``/``sin`` are (T, head_dim // 2) from :func:`rope_angles` (rotate-half convention, as
     Llama and Gemma). Computed in float32, returned in ``x``'s dtype.

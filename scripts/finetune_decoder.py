@@ -42,8 +42,8 @@ from layerlens_jax.decoder import Decoder, DecoderConfig, causal_lm_loss
 SIZES = {  # --quick and default: model shape and step counts
     "quick": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=192,
                   seq_len=64, batch=16, pretrain_steps=150, adapt_steps=60, val_windows=32),
-    "default": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                    intermediate_size=384, seq_len=128, batch=16, pretrain_steps=600,
+    "default": dict(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
+                    intermediate_size=256, seq_len=96, batch=16, pretrain_steps=500,
                     adapt_steps=200, val_windows=64),
 }
 

@@ -2,6 +2,7 @@
 layouts against each other, and the unscanned model end to end through the library."""
 
 import dataclasses
+import doctest
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from flax import nnx
 
 from layerlens_jax import (Catalogue, allocate, apply_plan, count_trainable, make_optimizer,
                            make_train_step, merge, profile, utility)
+from layerlens_jax import decoder
 from layerlens_jax.decoder import (Decoder, DecoderConfig, apply_rope, causal_lm_loss,
                                    rope_angles, stack_layers, unstack_layers)
 
@@ -68,7 +70,8 @@ def _np_decoder(params, ids, cfg):
         h = _np_rms(x, blk["mlp_norm"]["scale"], cfg.norm_eps)
         m = blk["mlp"]
         gate = h @ m["gate_proj"]["kernel"]
-        x = x + (gate / (1 + np.exp(-gate)) * (h @ m["up_proj"]["kernel"])) @ m["down_proj"]["kernel"]
+        swish = gate / (1 + np.exp(-gate))
+        x = x + (swish * (h @ m["up_proj"]["kernel"])) @ m["down_proj"]["kernel"]
     x = _np_rms(x, p["final_norm"]["scale"], cfg.norm_eps)
     return x @ (p["embed"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]["kernel"])
 
@@ -262,3 +265,8 @@ def test_unscanned_decoder_end_to_end_profile_allocate_apply_train_merge():
     np.testing.assert_allclose(merged(batch["input_ids"], batch["attention_mask"]),
                                peft(batch["input_ids"], batch["attention_mask"]),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_module_docstring_example_runs():
+    result = doctest.testmod(decoder, optionflags=doctest.ELLIPSIS, report=True, verbose=False)
+    assert result.attempted >= 5 and result.failed == 0
