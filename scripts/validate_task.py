@@ -120,13 +120,13 @@ def predictive_validity(prep, stats, u, steps: int, lr: float) -> dict:
 
 
 PLAN_VARIANTS = ("layerlens_lora", "layerlens_mixed", "spectral_frobenius", "spectral_nuclear",
-                 "spectral_breadth", "tied_lora", "tied_spectral",
+                 "spectral_breadth", "tied_lora", "tied_spectral", "probe_lora", "probe_tied",
                  "eva", "eva_rho2", "adalora")
 DEFAULT_VARIANTS = ("uniform:qv", "uniform:qkvo", "uniform:ffn", "uniform:all") + PLAN_VARIANTS + (
     "head_only", "full")
 
 
-def sweep_plans(bcfg, sites, u, spectra, variants, eva=None) -> dict:
+def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict:
     """Every plan variant at ``bcfg``'s budget: the uniform candidates and the allocated plans,
     each with its allocation seconds in ``metadata['allocate_seconds']`` (uniform: 0)."""
     from layerlens_jax._src.allocate import allocate
@@ -163,6 +163,17 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None) -> dict:
                                                "use_rslora": a.use_rslora}, tie=tie)
             out[name] = dataclasses.replace(out[name], metadata={
                 **out[name].metadata, "allocate_seconds": time.perf_counter() - t0})
+    for name, tie in (("probe_lora", None), ("probe_tied", "layers")):
+        if name in variants and probe is not None:
+            t0 = time.perf_counter()
+            out[name] = allocate(sites, probe.utility, {"params": budget},
+                                 catalogue=Catalogue.from_sizes(lora=a.lora_ranks),
+                                 gain_model=a.gain_model(),
+                                 peft_options={"lora_alpha": a.lora_alpha,
+                                               "use_rslora": a.use_rslora}, tie=tie)
+            out[name] = dataclasses.replace(out[name], metadata={
+                **out[name].metadata, "allocate_seconds": time.perf_counter() - t0,
+                "probe_seconds": probe.seconds})
     for name, rho in (("eva", 1.0), ("eva_rho2", 2.0)):
         if name in variants and eva is not None:
             from layerlens_jax._src.eva import eva_allocate_params, eva_plan
@@ -234,7 +245,8 @@ def _forward(model, batch):
 def _settings(spec, scale, variant, seed, args) -> dict:
     return {"task": spec, "budget": scale, "variant": variant, "seed": seed, "steps": args.steps,
             "profile_batches": args.profile_batches, "config": args.config,
-            "set": sorted(args.set), "protocol": 3}
+            "set": sorted(args.set), "protocol": 3,
+            **({"probe_steps": args.probe_steps} if variant.startswith("probe_") else {})}
 
 
 def main():
@@ -252,6 +264,8 @@ def main():
     ap.add_argument("--out", default="runs/validation")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite validation.md from the stored results")
+    ap.add_argument("--probe-steps", type=int, default=30,
+                    help="steps of the probe run of the probe_* variants (part of their cost)")
     ap.add_argument("--plans-only", action="store_true",
                     help="profile and allocate, store and print the plans, train nothing")
     ap.add_argument("--merge", nargs="+", default=[], metavar="DIR",
@@ -293,9 +307,14 @@ def main():
         t0 = time.perf_counter()
         eva = _eva_statistics(prep, stats) if {"eva", "eva_rho2"} & set(args.variants) else None
         eva_s = time.perf_counter() - t0
+        probe = (_probe(prep, stats, args.probe_steps)
+                 if {"probe_lora", "probe_tied"} & set(args.variants) else None)
         store["utility"][spec] = rep.to_dict()
         store["timing"][spec] = {"profile_seconds": profile_s, "spectra_seconds": spectra_s,
-                                 "eva_seconds": eva_s}
+                                 "eva_seconds": eva_s,
+                                 "probe_seconds": probe.seconds if probe else 0.0}
+        if probe is not None:
+            store.setdefault("probe", {})[spec] = probe.to_dict()
         print(f"[{spec}] utility: CV {rep.cv:.3f}, r(grad) {rep.grad_corr:.3f}, "
               f"r(fisher) {rep.fisher_corr:.3f}; profile {profile_s:.1f}s, spectra "
               f"{spectra_s:.1f}s", flush=True)
@@ -306,7 +325,7 @@ def main():
         for scale in args.budgets:
             bcfg = _cfg(spec, args, scale)
             prep_b = dataclasses.replace(prep, cfg=bcfg)
-            plans = sweep_plans(bcfg, list(stats.sites), u, spectra, args.variants, eva)
+            plans = sweep_plans(bcfg, list(stats.sites), u, spectra, args.variants, eva, probe)
             from layerlens_jax._src.plan_metrics import plan_metrics
             store["plans"][f"{spec}@{scale}"] = {
                 name: {"assignments": {k: list(v) for k, v in p.assignments().items()},
@@ -359,6 +378,29 @@ def _summarise_assignments(assignments: dict) -> str:
 
     counts = Counter((tie_key(path), f"{m} {size}") for path, (m, size) in assignments.items())
     return ", ".join(f"{key} {opt} x{n}" for (key, opt), n in sorted(counts.items()))
+
+
+def _probe(prep, stats, steps):
+    """Probe utility (layerlens_jax._src.probe): rank-1 LoRA on every LoRA-able site and the task
+    head trained together for ``steps`` batches with the run's optimizer (AdamW at the plans'
+    learning rate, constant), each site credited with its adapter's first-order loss decrease."""
+    import optax
+    from flax import nnx
+
+    from layerlens_jax._src.peft.nnx_modules import PEFT_FILTER
+    from layerlens_jax._src.probe import probe_utility
+    from layerlens_jax.app.data import iterate_batches
+    from layerlens_jax.app.pipeline import _mean_loss
+    from layerlens_jax.app.rundir import head_filter
+
+    cfg = prep.cfg
+    batches = iterate_batches(prep.arrays["train"], cfg.data.batch_size, seed=cfg.run.seed,
+                              epoch=10_000)
+    tx = optax.adamw(cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    return probe_utility(prep.build_model(cfg.run.seed), _mean_loss, batches, list(stats.sites), tx,
+                         steps=steps, wrt=nnx.Any(PEFT_FILTER, head_filter(cfg.train.head)),
+                         peft_options={"lora_alpha": cfg.allocate.lora_alpha,
+                                       "use_rslora": cfg.allocate.use_rslora})
 
 
 def _spectra(prep, stats):
