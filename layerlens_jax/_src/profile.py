@@ -39,6 +39,7 @@ from flax import nnx
 from layerlens_jax._src.fisher_rules import (DEFAULT_TAP_PRECISION, TappedModel, is_under,
                                              tap_linen, tap_nnx)
 from layerlens_jax._src.sites import Site, discover_sites
+from layerlens_jax._src.unit_calls import plan_calls
 
 __all__ = ["LayerStats", "ProfileStep", "profile", "sampled_label_loss"]
 
@@ -119,11 +120,11 @@ class ProfileStep:
         if not self.sites:
             raise ValueError("profile got an empty list of sites")
         n = _infer_batch_size(first_batch)
-        _check_loss_output(model, loss_fn, first_batch, variables, n, is_nnx)
         tapped = (tap_nnx(model, list(self.sites), precision=precision) if is_nnx
                   else tap_linen(model, variables, list(self.sites), precision=precision))
         self._params, self._rest = tapped.params, tapped.rest
-        self._step = _make_step(tapped, loss_fn, sample_loss_fn, n,
+        self.call_plan = _plan_calls(tapped, loss_fn, first_batch, n)
+        self._step = _make_step(tapped, loss_fn, sample_loss_fn, self.call_plan,
                                 example_mask_key, token_mask_key)
         self.site_unit, self.site_leaf = _membership(self.sites, tapped.unit_paths,
                                                      tapped.param_paths)
@@ -138,6 +139,26 @@ class ProfileStep:
         """``jax.jit(...).lower`` of the step, e.g. for ``.compile().memory_analysis()``."""
         return self._step.lower(self._params, self._rest, batch, key, self._site_unit,
                                 self._site_leaf)
+
+
+def _plan_calls(tapped: TappedModel, loss_fn, first_batch, n):
+    """How each unit is called (layouts, shared units): see :func:`unit_calls.plan_calls`. Its
+    first abstract trace (taps recording only) also checks the loss's shape and dtype, so a wrong
+    loss is named before the taps can fail on it."""
+    def forward(batch, sink, plan):
+        sinks = {u: sink for u in tapped.unit_paths}
+        return tapped.forward_losses(tapped.params, tapped.rest, sinks, batch, None, loss_fn,
+                                     plan)
+
+    def use_of(path, method):
+        return "attend" if method == "attend" else tapped.rule_of(path).table_use
+
+    def check_output(out):
+        if not isinstance(out, (tuple, list)) and not hasattr(out, "dtype"):
+            out = jax.eval_shape(jnp.asarray, out)
+        _check_loss_type(out, n)
+
+    return plan_calls(forward, first_batch, n, use_of, check_output)
 
 
 def _example_inputs(first_batch):
@@ -203,18 +224,6 @@ def _checked_losses(losses, n):
     return losses
 
 
-def _check_loss_output(model, loss_fn, first_batch, variables, n, is_nnx):
-    """Check the shape and dtype of ``loss_fn``'s output abstractly, on the untapped model, so a
-    wrong loss is named before the taps can fail on it (e.g. a loss calling the model twice)."""
-    if is_nnx:
-        out = nnx.eval_shape(loss_fn, model, first_batch)
-    else:
-        out = jax.eval_shape(loss_fn, variables, first_batch)
-    if not isinstance(out, (tuple, list)) and not hasattr(out, "dtype"):
-        out = jax.eval_shape(jnp.asarray, out)
-    _check_loss_type(out, n)
-
-
 def _leaf_sq(tree):
     """Sum of squares of every leaf, in tree-flattening order (the order of ``param_paths``)."""
     return jnp.stack([jnp.sum(jnp.square(l.astype(jnp.float32))) for l in jax.tree.leaves(tree)])
@@ -241,15 +250,17 @@ def _reduce(sinks_grad, sinks_grad_s, param_grads, unit_paths, site_unit, site_l
     return fisher(sinks_grad), _site_sums(site_leaf, _leaf_sq(param_grads)), fisher(sinks_grad_s)
 
 
-def _make_step(tapped: TappedModel, loss_fn, sample_loss_fn, n, ex_key, tok_key):
-    """The jitted per-batch function: one backward pass for gradients and per-example norms."""
-    sinks0 = {u: jnp.zeros((n,), jnp.float32) for u in tapped.unit_paths}
+def _make_step(tapped: TappedModel, loss_fn, sample_loss_fn, call_plan, ex_key, tok_key):
+    """The jitted per-batch function: one backward pass for gradients and per-example norms.
+    Each batch may have its own size (a smaller last batch): the step compiles once per size."""
 
     def step(params, rest, batch, key, site_unit, site_leaf):
+        n = _infer_batch_size(batch)
+        sinks0 = {u: jnp.zeros((n,), jnp.float32) for u in tapped.unit_paths}
         w, tokens = _batch_masks(batch, ex_key, tok_key, n)
 
         def total(params, sinks, fn, key):
-            losses = tapped.forward_losses(params, rest, sinks, batch, key, fn)
+            losses = tapped.forward_losses(params, rest, sinks, batch, key, fn, call_plan)
             return jnp.sum(_checked_losses(losses, n) * w)
 
         param_grads, sink_grads = jax.grad(total, argnums=(0, 1))(params, sinks0, loss_fn, None)
