@@ -364,8 +364,9 @@ def profile(
       model: an ``nnx.Module`` or a Linen module (then also pass ``variables``).
       loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses (Linen:
         ``loss_fn(variables, batch)``).
-      batches: any iterable of batches (pytrees of arrays with a fixed shape: the step compiles once
-        per distinct shape), the example axis first in every array.
+      batches: any iterable of batches (pytrees of arrays, the example axis first in every array);
+        batches may differ in size (a smaller last batch is fine: the statistics are sums over
+        examples), the step compiles once per distinct shape.
       variables: the Linen module's variables (``{"params": ...}``); ignored for NNX.
       sites: the sites to report (default: :func:`discover_sites` on the first batch, when the
         batch is a mapping holding ``input_ids``, else all sites found without example inputs).
@@ -388,13 +389,16 @@ def profile(
 
     Raises:
       ValueError: no batches, no examples, ``sample_loss_fn`` without ``rng``, losses not of shape
-        (B,) (names the expected and the returned shape), or a unit whose input does not have the
-        example axis first (names the unit).
+        (B,) (names the expected and the returned shape), or a unit whose input has neither the
+        example axis first nor a shape independent of the batch (names the unit). Inputs without
+        the example axis (``self.pos(jnp.arange(T))``) are broadcast over the examples, exactly
+        (see :mod:`layerlens_jax._src.unit_calls`).
       TypeError: ``model`` is neither an ``nnx.Module`` nor a Linen module, ``batches`` is a single
         mapping (wrap it in a list), or ``loss_fn`` returns a non-float loss or a tuple.
       FloatingPointError: a non-finite statistic (names the statistic, the site and the batch).
-      NotImplementedError: a unit called twice per forward pass (weight sharing) or through a
-        method other than ``__call__``.
+      NotImplementedError: a unit called more than once per forward pass whose cross terms are
+        not known (tied embeddings -- lookups and ``Embed.attend`` -- and dense layers are exact),
+        or called through a method other than ``__call__`` (or ``attend`` of an ``Embed``).
 
     Example:
       >>> import jax.numpy as jnp, numpy as np
