@@ -7,9 +7,14 @@ The data flow, and the public name for each step::
     stats = profile(model, loss_fn, batches)          # grad norm + per-example exact Fisher
     u = utility(stats)                                # one score per site
     plan = allocate(stats.sites, u, {"params": 100_000})   # method + size per site under budgets
-    model = apply_plan(model, plan)                   # wraps the sites; only adapters train
-    step = make_train_step(model, loss_fn, make_optimizer(1e-3))
+    model = apply_plan(model, plan, example=batch["input_ids"])  # example: adapters' widths
+    opt = make_optimizer(model, optax.adamw(1e-3))    # only the adapters train
+    step = make_train_step(lambda m, b: loss_fn(m, b).mean())
+    metrics = step(model, opt, batch)                 # one step, in place
     model = merge(model)                              # fold LoRA back into the base kernels
+
+(``loss_fn(model, batch)`` returns per-example losses; ``apply_plan`` needs ``example=`` (the
+model's inputs) for an NNX model when the plan has adapters, to know the blocks' widths.)
 
 This module is the library's one contract: everything here is public and stable; the code lives
 in private modules under ``layerlens_jax._src``. Reference models are in

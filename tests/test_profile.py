@@ -175,9 +175,10 @@ def test_streaming_compiles_once_and_counts(tiny):
         return bert_loss(m, b)
 
     stats = profile(model, loss, make_batches(cfg, n_batches=4), max_batches=3)
-    # one abstract trace that checks the loss's shape and dtype before the taps go in, one trace
-    # of the compiled step: none per batch
-    assert len(traces) == 2
+    # two abstract traces (at the batch size B, which also checks the loss's shape and dtype
+    # before the taps go in, and at B+1, which tells broadcast inputs from batched ones), one
+    # trace of the compiled step: none per batch
+    assert len(traces) == 3
     assert stats.num_batches == 3 and stats.num_examples == 12
 
 
@@ -253,7 +254,9 @@ def test_bad_loss_shape_and_empty_inputs(tiny):
         profile(object(), bert_loss, make_batches(cfg, 1))
 
 
-def test_broadcast_batch_axis_is_rejected():
+def test_broadcast_batch_axis_is_exact():
+    """Position ids with a singleton leading axis (not the example axis) were rejected; they are
+    now broadcast over the examples, exactly (more layouts in tests/test_tied.py)."""
     class Pos(nnx.Module):
         def __init__(self):
             self.pos = nnx.Embed(8, 4, rngs=nnx.Rngs(0))
@@ -262,8 +265,18 @@ def test_broadcast_batch_axis_is_rejected():
         def __call__(self, x):
             return self.head(x + self.pos(jnp.arange(x.shape[1])[None]))
 
-    with pytest.raises(ValueError, match="example axis"):
-        profile(Pos(), lambda m, b: m(b)[:, :, 0].sum(1), [np.ones((3, 8, 4), np.float32)])
+    def loss(m, b):
+        return m(b)[:, :, 0].sum(1) ** 2
+
+    model = Pos()
+    x = np.random.default_rng(0).normal(size=(3, 8, 4)).astype(np.float32)
+    stats = profile(model, loss, [x])
+    gd, params, rest = nnx.split(model, nnx.Param, ...)
+    per_example = [jax.grad(lambda p, i=i: loss(nnx.merge(gd, p, rest), x)[i])(params)
+                   for i in range(3)]
+    pos_sq = [float(jnp.sum(g["pos"]["embedding"][...] ** 2)) for g in per_example]
+    np.testing.assert_allclose(stats.fisher_trace[stats.paths.index("pos")], np.mean(pos_sq),
+                               rtol=RTOL)
 
 
 class Scale(nnx.Module):

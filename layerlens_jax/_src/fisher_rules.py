@@ -17,9 +17,10 @@ identity whose backward pass receives gₙ = ∂ℓₙ/∂yₙ and returns, as t
   VJP — only that unit's per-example gradients exist, never the whole model's.
 
 Per-site figures sum the units under the site: squared norms add over disjoint parameter sets, so
-an attention or block site is exact too. Batches must put the example axis first at every unit
-(checked) and each unit must be called once per forward pass (weight sharing is detected and
-rejected, since its cross terms would be lost).
+an attention or block site is exact too. A unit's input has the example axis first, or none (a
+broadcast input such as ``self.pos(jnp.arange(T))``); a unit may be called several times per forward
+pass when its calls' cross terms are known (tied embeddings: ``embed(ids)`` and ``embed.attend(h)``;
+a reused dense layer), else it is refused. Both are :mod:`layerlens_jax._src.unit_calls`.
 
 This module holds the rules, the tap, and the two ways of putting taps into a model:
 :func:`tap_nnx` (module surgery on a merged copy) and :func:`tap_linen`
@@ -44,8 +45,9 @@ from layerlens_jax._src.sites import (Site, flatten_paths, get_submodule, join_p
                                       set_submodule)
 from layerlens_jax._src.stacked import (StackedTap, expand_leaf_paths, find_stacks, layer_paths,
                                         leaf_squares_fn)
+from layerlens_jax._src.unit_calls import CallProbe, apply_layout, call_spec, shared_tap
 
-__all__ = ["DEFAULT_TAP_PRECISION", "TAP_PRECISIONS", "DenseRule", "EmbedRule", "LocalVJPRule", "TappedModel", "is_under", "tap_linen",
+__all__ = ["DEFAULT_TAP_PRECISION", "TAP_PRECISIONS", "AttendRule", "DenseRule", "EmbedRule", "LocalVJPRule", "TappedModel", "is_under", "tap_linen",
            "tap_nnx"]
 
 def _to_bfloat16(a):
@@ -95,6 +97,8 @@ class DenseRule:
     d_out: int  # output features (product of the remaining kernel axes)
     has_bias: bool  # the unit owns a bias, which adds ‖Σₜ gₜ‖²
     precision: str = DEFAULT_TAP_PRECISION  # a key of TAP_PRECISIONS (the products' precision)
+    # how the call uses the parameters, for the cross terms of a shared unit (unit_calls)
+    table_use = "product"
 
     def sq_norms(self, x, g, aux):
         """(B,) squared norms of the per-example kernel (and bias) gradients."""
@@ -126,6 +130,8 @@ class DenseRule:
 class EmbedRule:
     """Embedding table: segment-sum the output gradients of equal ids, then square."""
 
+    table_use = "lookup"  # the call gathers rows of the table (unit_calls)
+
     def sq_norms(self, ids, g, aux):
         """(B,) squared norms of the per-example embedding-table gradients."""
         del aux
@@ -145,10 +151,19 @@ class EmbedRule:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class AttendRule(DenseRule):
+    """``Embed.attend(q) = q Eᵀ``: the dense rule with the table as a transposed kernel
+    (``d_in`` the width, ``d_out`` the vocabulary, no bias)."""
+
+    table_use = "attend"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class LocalVJPRule:
     """Per-example VJP of the unit's own parameters, vmapped over examples (exact, local)."""
 
     apply: Callable[[Any, jax.Array], jax.Array]  # (own params, x with batch 1) -> y with batch 1
+    table_use = None  # no cross terms: a unit with this rule may be called once per pass
 
     def sq_norms(self, x, g, own_params):
         """(B,) squared norms of the per-example gradients of ``own_params``."""
@@ -206,29 +221,57 @@ class _Unit:
 
 
 class _TapContext:
-    """Per-trace state: sinks, own params of local-VJP units, call counts, the batch size."""
+    """Per-trace state: sinks, own params of local-VJP units, the call plan (or a probe recording
+    the calls), the earlier calls of shared units, the batch size."""
 
-    def __init__(self, units: Mapping[str, _Unit], sinks, own_params, batch_size: int):
+    def __init__(self, units: Mapping[str, _Unit], sinks, own_params, batch_size: int, plan,
+                 precision: str = DEFAULT_TAP_PRECISION):
         self.units, self.sinks, self.own_params = units, sinks, own_params
-        self.batch_size = batch_size
+        self.batch_size, self.plan, self.precision = batch_size, plan, precision
         self.calls: dict[str, int] = {}
+        self.earlier: dict[str, list] = {}  # path -> [(rule, x, link)] of a shared unit's calls
 
-    def tap(self, path: str, y, x):
-        return self.tap_with(path, self.units[path].rule, y, x, self.sinks[path],
-                             self.own_params.get(path, ()))
+    def rule_for(self, path: str, method: str, y, x):
+        """The rule of one call: the unit's own, or :class:`AttendRule` for ``Embed.attend``."""
+        if method == "attend":
+            return AttendRule(d_in=int(x.shape[-1]), d_out=int(y.shape[-1]), has_bias=False,
+                              precision=self.precision)
+        return self.units[path].rule
+
+    def tap(self, path: str, y, x, method: str = "__call__"):
+        index = self.calls.get(path, 0)
+        self.calls[path] = index + 1
+        if isinstance(self.plan, CallProbe):
+            self.plan.record(path, method, x, y)
+            return y
+        specs = self.plan.get(path, ())
+        x, y = apply_layout(call_spec(self.plan, path, index, method), path, x, y,
+                            self.batch_size)
+        rule = self.rule_for(path, method, y, x)
+        aux = self.own_params.get(path, ())
+        if len(specs) == 1:
+            return _tap(_RuleBox(rule), y, x, self.sinks[path], aux)
+        earlier = self.earlier.setdefault(path, [])
+        y, link = shared_tap(rule, earlier, y, x, self.sinks[path], aux,
+                             last=index == len(specs) - 1)
+        earlier.append((rule, x, link))
+        return y
 
     def tap_with(self, path: str, rule, y, x, sink, aux):
-        """The tap of unit ``path`` with an explicit rule, sink and own parameters."""
+        """The tap of one layer of the stacked unit ``path`` (inside the scan body, traced once),
+        with the rule, sink slice and own parameters of that layer. Stacked units are neither
+        shared nor broadcast: their input must carry the example axis."""
+        if isinstance(self.plan, CallProbe):  # the call-planning trace: nothing to plan here
+            return y
         self.calls[path] = self.calls.get(path, 0) + 1
         if self.calls[path] > 1:
             raise NotImplementedError(
-                f"site unit {path!r} is called more than once per forward pass (weight sharing): "
-                "its per-example Fisher would miss the cross terms; exclude it from the sites")
+                f"stacked unit {path!r} is called more than once per layer (weight sharing inside "
+                f"a scan body is not supported); exclude it from the sites")
         if not hasattr(x, "shape") or x.ndim == 0 or x.shape[0] != self.batch_size:
             raise ValueError(
-                f"site unit {path!r} sees an input of shape {getattr(x, 'shape', None)} whose leading "
-                f"axis is not the example axis (batch {self.batch_size}); per-example statistics "
-                "need the example axis first at every site (broadcast e.g. position ids to (B, T))")
+                f"stacked unit {path!r} sees an input of shape {getattr(x, 'shape', None)} whose "
+                f"leading axis is not the example axis (batch {self.batch_size})")
         return _tap(_RuleBox(rule), y, x, sink, aux)
 
 
@@ -247,6 +290,9 @@ class _NNXTap:
 
     def __getattr__(self, name):
         value = getattr(self._inner, name)
+        if name == "attend" and isinstance(self._inner, nnx.Embed):  # a tied output layer
+            return lambda query, **kw: self._ctx.tap(self._path, value(query, **kw), query,
+                                                     "attend")
         if callable(value) and not isinstance(value, (nnx.Variable, nnx.Module)):
             raise NotImplementedError(f"site unit {self._path!r} is used through method {name!r}; "
                                       "only __call__ is supported for per-example statistics")
@@ -275,8 +321,9 @@ def _batch_size_of(sinks) -> int:
 class TappedModel:
     """A model split for profiling, with a forward pass that runs every unit through its tap."""
 
-    # forward_losses(params, rest, sinks, batch, key, loss_fn) -> per-example losses; the gradient
-    # with respect to ``sinks`` ({unit path: zeros (B,)}) is the per-example squared norms
+    # forward_losses(params, rest, sinks, batch, key, loss_fn, plan) -> per-example losses; the
+    # gradient with respect to ``sinks`` ({unit path: zeros (B,)}) is the per-example squared
+    # norms; ``plan``: {unit path: CallSpec per call} (unit_calls.plan_calls), or a CallProbe
     forward_losses: Callable[..., jax.Array]
     unit_paths: tuple[str, ...]  # sorted paths of the parameter units (one sink each)
     param_paths: tuple[str, ...]  # parameter leaf paths, in tree-flattening order of ``params``
@@ -285,6 +332,8 @@ class TappedModel:
     # tree -> squared norm per entry of ``param_paths`` (a stacked leaf: one per layer slice);
     # None: one per leaf
     leaf_squares: Callable[[Any], jax.Array] | None = None
+    # unit path -> its rule (for Linen, known once a forward pass has been traced)
+    rule_of: Callable[[str], Any] = lambda path: None
 
 
 # ------------------------------------------------------------------------------------ NNX
@@ -371,11 +420,11 @@ def tap_nnx(model: nnx.Module, sites: list[Site], *,
         raise NotImplementedError(f"parameters {uncovered[:3]} under a site are not owned by a "
                                   "module the profiler can tap")
 
-    def forward_losses(params, rest, sinks, batch, key, fn):
+    def forward_losses(params, rest, sinks, batch, key, fn, plan):
         m = nnx.merge(graphdef, params, rest, copy=True)
         own = {path: _own_state_nnx(get_submodule(m, path)) for path, unit in units.items()
                if isinstance(unit.rule, LocalVJPRule)}
-        ctx = _TapContext(units, sinks, own, _batch_size_of(sinks))
+        ctx = _TapContext(units, sinks, own, _batch_size_of(sinks), plan, precision)
         for path in sorted(units, key=lambda p: -p.count("/")):
             if units[path].rule is None:  # stacked: per-layer sinks (L, B), sliced by the scan
                 sink = jnp.stack([sinks[q] for q in sink_paths[path]])
@@ -388,7 +437,8 @@ def tap_nnx(model: nnx.Module, sites: list[Site], *,
     return TappedModel(forward_losses=forward_losses,
                        unit_paths=tuple(sorted(q for qs in sink_paths.values() for q in qs)),
                        param_paths=layer_param_paths, params=params, rest=rest,
-                       leaf_squares=leaf_squares_fn(layer_counts))
+                       leaf_squares=leaf_squares_fn(layer_counts),
+                       rule_of=lambda path: units[path].rule)
 
 
 # ---------------------------------------------------------------------------------- Linen
@@ -466,13 +516,14 @@ def tap_linen(module: nn.Module, variables: Mapping, sites: list[Site], *,
                                 param_paths=tuple(_child(path, k) for k in own))
         return units[path].rule
 
-    def forward_losses(params, rest, sinks, batch, key, fn):
+    def forward_losses(params, rest, sinks, batch, key, fn, plan):
         variables = {**rest, "params": params}
-        ctx = _TapContext(units, sinks, {}, _batch_size_of(sinks))
+        ctx = _TapContext(units, sinks, {}, _batch_size_of(sinks), plan, precision)
 
         def interceptor(next_fun, args, kwargs, c):
             out = next_fun(*args, **kwargs)
-            if c.method_name != "__call__":
+            method = c.method_name
+            if method != "__call__" and not (method == "attend" and isinstance(c.module, nn.Embed)):
                 return out
             path = join_path(c.module.scope.path)
             if path in owners and args:
@@ -480,16 +531,17 @@ def tap_linen(module: nn.Module, variables: Mapping, sites: list[Site], *,
                 if isinstance(rule_for(c.module, path), LocalVJPRule):
                     sub = c.module.variables.get("params", {})
                     ctx.own_params[path] = {k: sub[k] for k in owners[path]}
-                out = ctx.tap(path, out, args[0])
+                out = ctx.tap(path, out, args[0], method)
             return out
 
         with nn.intercept_methods(interceptor):
             losses = fn(variables, batch) if key is None else fn(variables, batch, key)
         missing = [u for u in unit_paths if u not in ctx.calls]
         if missing:
-            raise ValueError(f"parameter units {missing[:3]} were never called through __call__ "
+            raise ValueError(f"parameter units {missing[:3]} were never called (__call__ or attend) "
                              "during the loss: their statistics cannot be computed")
         return losses
 
     return TappedModel(forward_losses=forward_losses, unit_paths=unit_paths,
-                       param_paths=param_paths, params=params0, rest=rest0)
+                       param_paths=param_paths, params=params0, rest=rest0,
+                       rule_of=lambda path: units[path].rule)

@@ -39,6 +39,7 @@ from flax import nnx
 from layerlens_jax._src.fisher_rules import (DEFAULT_TAP_PRECISION, TappedModel, is_under,
                                              tap_linen, tap_nnx)
 from layerlens_jax._src.sites import Site, discover_sites
+from layerlens_jax._src.unit_calls import plan_calls
 
 __all__ = ["LayerStats", "ProfileStep", "profile", "sampled_label_loss"]
 
@@ -119,12 +120,12 @@ class ProfileStep:
         if not self.sites:
             raise ValueError("profile got an empty list of sites")
         n = _infer_batch_size(first_batch)
-        _check_loss_output(model, loss_fn, first_batch, variables, n, is_nnx)
         tapped = (tap_nnx(model, list(self.sites), precision=precision) if is_nnx
                   else tap_linen(model, variables, list(self.sites), precision=precision))
         self._params, self._rest = tapped.params, tapped.rest
         self.leaf_squares = jax.jit(tapped.leaf_squares or _leaf_sq)  # per entry of param_paths
-        self._step = _make_step(tapped, loss_fn, sample_loss_fn, n,
+        self.call_plan = _plan_calls(tapped, loss_fn, first_batch, n)
+        self._step = _make_step(tapped, loss_fn, sample_loss_fn, self.call_plan,
                                 example_mask_key, token_mask_key)
         self.site_unit, self.site_leaf = _membership(self.sites, tapped.unit_paths,
                                                      tapped.param_paths)
@@ -139,6 +140,26 @@ class ProfileStep:
         """``jax.jit(...).lower`` of the step, e.g. for ``.compile().memory_analysis()``."""
         return self._step.lower(self._params, self._rest, batch, key, self._site_unit,
                                 self._site_leaf)
+
+
+def _plan_calls(tapped: TappedModel, loss_fn, first_batch, n):
+    """How each unit is called (layouts, shared units): see :func:`unit_calls.plan_calls`. Its
+    first abstract trace (taps recording only) also checks the loss's shape and dtype, so a wrong
+    loss is named before the taps can fail on it."""
+    def forward(batch, sink, plan):
+        sinks = {u: sink for u in tapped.unit_paths}
+        return tapped.forward_losses(tapped.params, tapped.rest, sinks, batch, None, loss_fn,
+                                     plan)
+
+    def use_of(path, method):
+        return "attend" if method == "attend" else tapped.rule_of(path).table_use
+
+    def check_output(out):
+        if not isinstance(out, (tuple, list)) and not hasattr(out, "dtype"):
+            out = jax.eval_shape(jnp.asarray, out)
+        _check_loss_type(out, n)
+
+    return plan_calls(forward, first_batch, n, use_of, check_output)
 
 
 def _example_inputs(first_batch):
@@ -204,18 +225,6 @@ def _checked_losses(losses, n):
     return losses
 
 
-def _check_loss_output(model, loss_fn, first_batch, variables, n, is_nnx):
-    """Check the shape and dtype of ``loss_fn``'s output abstractly, on the untapped model, so a
-    wrong loss is named before the taps can fail on it (e.g. a loss calling the model twice)."""
-    if is_nnx:
-        out = nnx.eval_shape(loss_fn, model, first_batch)
-    else:
-        out = jax.eval_shape(loss_fn, variables, first_batch)
-    if not isinstance(out, (tuple, list)) and not hasattr(out, "dtype"):
-        out = jax.eval_shape(jnp.asarray, out)
-    _check_loss_type(out, n)
-
-
 def _leaf_sq(tree):
     """Sum of squares of every leaf, in tree-flattening order (the order of ``param_paths``)."""
     return jnp.stack([jnp.sum(jnp.square(l.astype(jnp.float32))) for l in jax.tree.leaves(tree)])
@@ -242,15 +251,17 @@ def _reduce(sinks_grad, sinks_grad_s, param_grads, unit_paths, site_unit, site_l
             fisher(sinks_grad_s))
 
 
-def _make_step(tapped: TappedModel, loss_fn, sample_loss_fn, n, ex_key, tok_key):
-    """The jitted per-batch function: one backward pass for gradients and per-example norms."""
-    sinks0 = {u: jnp.zeros((n,), jnp.float32) for u in tapped.unit_paths}
+def _make_step(tapped: TappedModel, loss_fn, sample_loss_fn, call_plan, ex_key, tok_key):
+    """The jitted per-batch function: one backward pass for gradients and per-example norms.
+    Each batch may have its own size (a smaller last batch): the step compiles once per size."""
 
     def step(params, rest, batch, key, site_unit, site_leaf):
+        n = _infer_batch_size(batch)
+        sinks0 = {u: jnp.zeros((n,), jnp.float32) for u in tapped.unit_paths}
         w, tokens = _batch_masks(batch, ex_key, tok_key, n)
 
         def total(params, sinks, fn, key):
-            losses = tapped.forward_losses(params, rest, sinks, batch, key, fn)
+            losses = tapped.forward_losses(params, rest, sinks, batch, key, fn, call_plan)
             return jnp.sum(_checked_losses(losses, n) * w)
 
         param_grads, sink_grads = jax.grad(total, argnums=(0, 1))(params, sinks0, loss_fn, None)
@@ -354,8 +365,9 @@ def profile(
       model: an ``nnx.Module`` or a Linen module (then also pass ``variables``).
       loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses (Linen:
         ``loss_fn(variables, batch)``).
-      batches: any iterable of batches (pytrees of arrays with a fixed shape: the step compiles once
-        per distinct shape), the example axis first in every array.
+      batches: any iterable of batches (pytrees of arrays, the example axis first in every array);
+        batches may differ in size (a smaller last batch is fine: the statistics are sums over
+        examples), the step compiles once per distinct shape.
       variables: the Linen module's variables (``{"params": ...}``); ignored for NNX.
       sites: the sites to report (default: :func:`discover_sites` on the first batch, when the
         batch is a mapping holding ``input_ids``, else all sites found without example inputs).
@@ -378,13 +390,16 @@ def profile(
 
     Raises:
       ValueError: no batches, no examples, ``sample_loss_fn`` without ``rng``, losses not of shape
-        (B,) (names the expected and the returned shape), or a unit whose input does not have the
-        example axis first (names the unit).
+        (B,) (names the expected and the returned shape), or a unit whose input has neither the
+        example axis first nor a shape independent of the batch (names the unit). Inputs without
+        the example axis (``self.pos(jnp.arange(T))``) are broadcast over the examples, exactly
+        (see :mod:`layerlens_jax._src.unit_calls`).
       TypeError: ``model`` is neither an ``nnx.Module`` nor a Linen module, ``batches`` is a single
         mapping (wrap it in a list), or ``loss_fn`` returns a non-float loss or a tuple.
       FloatingPointError: a non-finite statistic (names the statistic, the site and the batch).
-      NotImplementedError: a unit called twice per forward pass (weight sharing) or through a
-        method other than ``__call__``.
+      NotImplementedError: a unit called more than once per forward pass whose cross terms are
+        not known (tied embeddings -- lookups and ``Embed.attend`` -- and dense layers are exact),
+        or called through a method other than ``__call__`` (or ``attend`` of an ``Embed``).
 
     Example:
       >>> import jax.numpy as jnp, numpy as np

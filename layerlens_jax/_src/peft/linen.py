@@ -22,6 +22,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import flax.errors
 from flax import linen as nn
 
 from layerlens_jax._src.peft import functional
@@ -37,16 +38,21 @@ _zeros = nn.initializers.zeros
 
 
 def _param(module: nn.Module, name: str, init, shape, dtype):
-    """``module.param`` that also works while a setup-style (non-compact) method runs."""
-    if module._initialization_allowed:  # compact method: the normal case
-        return module.param(name, init, shape, dtype)
-    state = module._state
-    prev = state.in_compact_method
-    state.in_compact_method = True  # a setup-style module: allow the adapter's own variables
+    """``module.param`` that also works while a setup-style (non-compact) method runs, and when a
+    second method of the module uses the same adapter (a tied ``Embed``: ``__call__`` and
+    ``attend`` share one LoRA)."""
     try:
-        return module.param(name, init, shape, dtype)
-    finally:
-        state.in_compact_method = prev
+        if module._initialization_allowed:  # compact method: the normal case
+            return module.param(name, init, shape, dtype)
+        state = module._state
+        prev = state.in_compact_method
+        state.in_compact_method = True  # a setup-style module: allow the adapter's own variables
+        try:
+            return module.param(name, init, shape, dtype)
+        finally:
+            state.in_compact_method = prev
+    except flax.errors.NameInUseError:  # created by the module's other method in this pass
+        return module.get_variable("params", name)
 
 
 class PeftLinen(nn.Module):
