@@ -301,6 +301,8 @@ def _rule_for_nnx(module, own, precision: str = DEFAULT_TAP_PRECISION) -> Any:
                              has_bias="bias" in own, precision=precision)
     if isinstance(module, nnx.Embed) and own == ["embedding"]:
         return EmbedRule()
+    if isinstance(module, nnx.Einsum) and _einsum_owns(module.einsum_str, own, shapes):
+        return _einsum_rule(module.einsum_str, "bias" in own, precision)
     graphdef, _, rest = nnx.split(module, lambda p, v: isinstance(v, nnx.Param) and len(p) == 1
                                   and p[0] in own, ...)
 
@@ -308,6 +310,20 @@ def _rule_for_nnx(module, own, precision: str = DEFAULT_TAP_PRECISION) -> Any:
         return nnx.merge(graphdef, own_params, rest)(x)
 
     return LocalVJPRule(apply)
+
+
+def _einsum_owns(equation, own, shapes) -> bool:
+    """An einsum unit the einsum rule covers: its own equation, a kernel of that many axes (not a
+    stacked one) and at most a bias besides."""
+    if not equation or "kernel" not in own or not set(own) <= {"kernel", "bias"}:
+        return False
+    kernel_spec = equation.replace(" ", "").split("->")[0].split(",")[-1]
+    return len(kernel_spec) == len(shapes["kernel"])
+
+
+def _einsum_rule(equation: str, has_bias: bool, precision: str):
+    from layerlens_jax._src.einsum_rule import EinsumRule  # it builds on DenseRule, defined here
+    return EinsumRule(equation, has_bias, precision)
 
 
 def _nnx_units(model: nnx.Module, sites: list[Site], precision: str) -> dict[str, _Unit]:
@@ -373,6 +389,9 @@ def _rule_for_linen(mod: nn.Module, own: list[str], sub: Mapping,
                          has_bias="bias" in own, precision=precision)
     if isinstance(mod, nn.Embed) and own == ["embedding"]:
         return EmbedRule()
+    if isinstance(mod, nn.Einsum) and _einsum_owns(mod.einsum_str, own,
+                                                   {k: sub[k].shape for k in own}):
+        return _einsum_rule(mod.einsum_str, "bias" in own, precision)
     clone = mod.clone(parent=None)
     children = {k: v for k, v in sub.items() if k not in own}
 

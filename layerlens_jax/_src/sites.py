@@ -29,6 +29,8 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
+from layerlens_jax._src.einsum import einsum_layout
+
 __all__ = [
     "KINDS",
     "Site",
@@ -119,6 +121,9 @@ class Site:
       num_heads / head_dim: for attention sites.
       tokens_per_example: positions per example in the site's input (sequence length), when
         discovered with example inputs.
+      build_refusals: ``((method, reason), ...)``: methods of the site's kind that ``apply_plan``
+        cannot build on its module (found at discovery by the checks ``apply_plan`` runs);
+        ``allocate`` refuses them. Empty for hand-made sites.
     """
 
     path: str
@@ -131,6 +136,11 @@ class Site:
     num_heads: int | None = None
     head_dim: int | None = None
     tokens_per_example: int | None = None
+    build_refusals: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):  # JSON gives lists: keep the record hashable
+        object.__setattr__(self, "build_refusals",
+                           tuple((str(m), str(r)) for m, r in self.build_refusals))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (parameter shapes as lists)."""
@@ -202,8 +212,8 @@ def _features_from_params(kind: str, module: Any, shapes: Mapping[str, tuple[int
         else:
             axis = getattr(module, "axis", (-1,))
             n_in = len(axis) if isinstance(axis, tuple) else 1
-            if hasattr(module, "kernel_shape") and hasattr(module, "einsum_str"):
-                n_in = 1  # Einsum: treat the leading kernel axis as input
+            if isinstance(module, (nnx.Einsum, nn.Einsum)):
+                return (*_einsum_features(module, k), nh, hd)
             fin, fout = math.prod(k[:n_in]), math.prod(k[n_in:])
     elif kind == "embedding" and "embedding" in shapes:
         fin, fout = shapes["embedding"]
@@ -211,6 +221,18 @@ def _features_from_params(kind: str, module: Any, shapes: Mapping[str, tuple[int
         size = next(iter(shapes.values()), (None,))
         fin = fout = size[-1] if size else None
     return fin, fout, nh, hd
+
+
+def _einsum_features(module: Any, kernel: tuple[int, ...]) -> tuple[int | None, int | None]:
+    """(contracted, output) sizes of an einsum kernel (its LoRA fan-in / fan-out; the module's own
+    kernel shape, so a stacked module's layer); (None, None) when LoRA cannot factor the equation
+    (the site's ``build_refusals`` say why)."""
+    own = getattr(module, "kernel_shape", None) or getattr(module, "shape", None) or kernel
+    try:
+        layout = einsum_layout(module.einsum_str or "", own)
+    except ValueError:
+        return None, None
+    return layout.fan_in, layout.fan_out
 
 
 def _discover_nnx(model: nnx.Module, example: tuple | None) -> list[Site]:
@@ -222,11 +244,18 @@ def _discover_nnx(model: nnx.Module, example: tuple | None) -> list[Site]:
         if kind is None or not path:
             continue
         shapes = _shape_dict(nnx.state(module, nnx.Param).to_pure_dict())
-        sites.append(_make_site(path, kind, module, shapes, io_shapes.get(path)))
+        sites.append(_make_site(path, kind, module, shapes, io_shapes.get(path),
+                                _refusals(module, kind, path, "nnx")))
     return sites
 
 
-def _make_site(path, kind, module, shapes, io) -> Site:
+def _refusals(module, kind, path, framework) -> tuple[tuple[str, str], ...]:
+    # imported here: the peft package imports this module
+    from layerlens_jax._src.peft.buildable import build_refusals
+    return build_refusals(module, kind, path, framework)
+
+
+def _make_site(path, kind, module, shapes, io, refusals=()) -> Site:
     fin, fout, nh, hd = _features_from_params(kind, module, shapes)
     tokens = None
     if io is not None:
@@ -250,7 +279,8 @@ def _make_site(path, kind, module, shapes, io) -> Site:
                 in_features=None if fin is None else int(fin),
                 out_features=None if fout is None else int(fout),
                 num_heads=None if nh is None else int(nh), head_dim=None if hd is None else int(hd),
-                tokens_per_example=None if tokens is None else int(tokens))
+                tokens_per_example=None if tokens is None else int(tokens),
+                build_refusals=refusals)
 
 
 class _CallRecorder:
@@ -322,7 +352,8 @@ def _discover_linen(module: nn.Module, variables: Mapping, example) -> list[Site
             if kind is not None and path and path not in found:
                 x = a[0] if a else None
                 found[path] = (kind, type(ctx.module), getattr(x, "shape", None),
-                               getattr(out, "shape", None), ctx.module)
+                               getattr(out, "shape", None), ctx.module,
+                               _refusals(ctx.module, kind, path, "linen"))
         return out
 
     def run(variables):
@@ -332,12 +363,12 @@ def _discover_linen(module: nn.Module, variables: Mapping, example) -> list[Site
     jax.eval_shape(run, variables)
     params = variables.get("params", {})
     sites = []
-    for path, (kind, cls, in_shape, out_shape, mod) in found.items():
+    for path, (kind, cls, in_shape, out_shape, mod, refusals) in found.items():
         sub = params
         for part in path.split("/"):
             sub = sub.get(part, {}) if isinstance(sub, Mapping) else {}
         shapes = _shape_dict(sub)
-        sites.append(_make_site(path, kind, mod, shapes, (in_shape, out_shape)))
+        sites.append(_make_site(path, kind, mod, shapes, (in_shape, out_shape), refusals))
     return sorted(sites, key=lambda s: s.path)
 
 
