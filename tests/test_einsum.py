@@ -242,3 +242,37 @@ def test_profile_example_gives_site_shapes_for_any_batch_structure():
             for s in stats.sites} == {"conv": (9, 4, 25), "head": (100, 2, 1)}
     plan = ll.allocate(list(stats.sites), [1.0, 1.0], {"params": 200})
     assert plan.use["params"] <= 200 and set(plan.assignments()) == {"conv", "head"}
+
+
+# ------------------------------------------------------------------ Linen, docs
+
+
+class LinenProjections(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x: (B, T, N, H)
+        out = nn.Einsum((N, H, D), "BTNH,NHD->BTD", name="out")(x)
+        return nn.Einsum((2, D, K, H), "BSD,CDKH->CBSKH", name="kv", use_bias=False)(out)
+
+
+def test_linen_einsum_lora_and_merge_or_a_named_refusal():
+    module = LinenProjections()
+    x = np.random.default_rng(2).normal(size=(B, T, N, H)).astype(np.float32)
+    variables = module.init(jax.random.key(0), x)
+    wrapped = apply_plan(module, {"out": ("lora", 2)})
+    v = ll.init_adapters(wrapped, jax.random.key(1), variables, x)
+    assert v["params"]["out"]["peft_lora_a"].shape == (N * H, 2)
+    v["params"]["out"]["peft_lora_b"] = jax.random.normal(jax.random.key(3), (2, D))
+    got = np.asarray(wrapped.apply(v, x))
+    bare, merged = merge(wrapped, v)
+    np.testing.assert_allclose(np.asarray(bare.apply(merged, x)), got, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError,
+                       match=r"site 'kv'.*contracted kernel axes.*'BSD,CDKH->CBSKH'"):
+        ll.init_adapters(apply_plan(module, {"kv": ("lora", 2)}), jax.random.key(1), variables, x)
+
+
+def test_einsum_layout_docstring_examples_run():
+    import doctest
+
+    from layerlens_jax._src import einsum
+    result = doctest.testmod(einsum, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 4 and result.failed == 0
