@@ -185,6 +185,29 @@ def test_unfactorable_einsum_is_refused_naming_site_and_equation():
     assert plan.assignments() == {}  # "none" is left out
 
 
+class BatchedThenGated(Batched):
+    def __init__(self, rngs):
+        super().__init__(rngs)
+        self.gate = nnx.Einsum("...E,GFE->...GF", (2, D, D), (2, D), rngs=rngs,
+                               bias_init=nnx.initializers.normal(0.5))
+
+    def __call__(self, x):
+        g = self.gate(self.mix(x))
+        return g[..., 0, :] * jax.nn.sigmoid(g[..., 1, :])
+
+
+def test_profile_batched_kernel_and_ellipsis_einsums_match_vmap_grad():
+    model = BatchedThenGated(nnx.Rngs(3))
+    rng = np.random.default_rng(4)
+    batch = {"x": rng.normal(size=(B, N, H)).astype(np.float32),
+             "y": rng.normal(size=(B, N, D)).astype(np.float32)}
+    stats = profile(model, _loss, [batch], example=batch["x"], precision="highest")
+    assert stats.paths == ("gate", "mix")
+    gn, fi = _reference_stats(model, batch, stats.paths)
+    np.testing.assert_allclose(stats.fisher_trace, fi, rtol=1e-4)
+    np.testing.assert_allclose(stats.grad_norm, gn, rtol=1e-4)
+
+
 class MyLinear(nnx.Module):
     def __init__(self, rngs):
         self.w = nnx.Param(jax.random.normal(rngs.params(), (D, D)))

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["EinsumLayout", "einsum_layout"]
+__all__ = ["EinsumLayout", "einsum_layout", "per_example_operands"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -181,3 +181,60 @@ def einsum_layout(equation: str, kernel_shape: Sequence[int], where: str = "this
     ((1,), (0, 2, 3), 32, 16)
     """
     return _layout(str(equation), tuple(int(d) for d in kernel_shape), str(where))
+
+
+# ------------------------------------------------------- per-example gradients (the profile)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerExampleOperands:
+    """An einsum unit's input and output cotangent laid out for per-example gradient norms."""
+
+    # (B, positions..., contracted...) and (B, positions..., kernel-output...) when no kernel axis
+    # is shared by input and output: example n's kernel gradient is xs[n]^T gs[n] (flattened);
+    # else None
+    xs: jax.Array | None
+    gs: jax.Array | None
+    # the products of the contracted / output kernel axes (the dense rule's d_in, d_out)
+    d_in: int
+    d_out: int
+    # (B, kernel...) per-example kernel gradients, formed only for a batched kernel; else None
+    kernel_grads: jax.Array | None
+    # (B, output kernel axes...) per-example bias gradients (Flax's bias layout)
+    bias_grads: jax.Array
+
+
+def per_example_operands(equation: str, x: jax.Array, g: jax.Array) -> PerExampleOperands:
+    """For ``y = einsum(equation, x, W) (+ bias)`` with ``g`` the cotangent of ``y``: the
+    operands whose per-example products give each example's kernel and bias gradients.
+
+    The example axis is ``x``'s first; it may sit anywhere in ``y`` (``"BSD,CDKH->CBSKH"`` puts it
+    second). Input axes the equation sums over ``x`` alone are summed first (``y`` depends only on
+    that sum). ``ValueError`` naming the equation when the example axis does not reach the output
+    or is a kernel axis (per-example gradients are then not separable).
+    """
+    lhs, out = equation.replace(" ", "").split("->")
+    x_spec, k_spec = lhs.split(",")
+    spare = "".join(c for c in string.ascii_letters if c not in equation)
+    n_ell = x.ndim - (len(x_spec) - 3) if "..." in x_spec else 0
+    x_full, out_full = x_spec.replace("...", spare[:n_ell]), out.replace("...", spare[:n_ell])
+    e = x_full[0]
+    if e not in out_full or e in k_spec:
+        raise ValueError(f"einsum {equation!r}: the example axis (the input's first, {e!r}) must "
+                         f"reach the output and stay out of the kernel for per-example statistics")
+    kept = "".join(c for c in out_full if c in k_spec)
+    bias_grads = jnp.einsum(f"{out_full}->{e}{kept}", g)
+    contracted = "".join(c for c in k_spec if c in x_full and c not in out_full)
+    outs = "".join(c for c in k_spec if c in out_full and c not in x_full)
+    size = dict(zip(x_full, x.shape)) | dict(zip(out_full, g.shape))
+    d_in = math.prod(size[c] for c in contracted)
+    d_out = math.prod(size[c] for c in outs)
+    if any(c in x_full and c in out_full for c in k_spec):  # a batched kernel
+        grads = jnp.einsum(f"{x_full},{out_full}->{e}{k_spec}", x, g,
+                           precision=lax.Precision.HIGHEST)
+        return PerExampleOperands(xs=None, gs=None, d_in=d_in, d_out=d_out,
+                                  kernel_grads=grads, bias_grads=bias_grads)
+    positions = "".join(c for c in x_full[1:] if c in out_full and c not in k_spec)
+    return PerExampleOperands(xs=jnp.einsum(f"{x_full}->{e}{positions}{contracted}", x),
+                              gs=jnp.einsum(f"{out_full}->{e}{positions}{outs}", g),
+                              d_in=d_in, d_out=d_out, kernel_grads=None, bias_grads=bias_grads)

@@ -30,6 +30,7 @@ from flax import linen as nn
 from flax import nnx
 
 from layerlens_jax._src.einsum import einsum_layout
+from layerlens_jax._src.kinds import KINDS  # the site kinds, in the order of the table above
 
 __all__ = [
     "KINDS",
@@ -43,8 +44,6 @@ __all__ = [
     "flatten_paths",
 ]
 
-#: The site kinds, in the order of the table above.
-KINDS = ("linear", "attention", "block", "embedding", "norm", "conv")
 
 _BUILTIN_KINDS: list[tuple[type, str]] = [
     (nnx.MultiHeadAttention, "attention"),
@@ -116,7 +115,8 @@ class Site:
       param_shapes: parameter path *relative to the site* -> shape, for every parameter under it.
       num_params: total parameters under the site.
       in_features / out_features: feature sizes of the site's input and output (for an embedding:
-        vocabulary size and embedding width; for attention: model width in and out). None where
+        vocabulary size and embedding width; for attention: model width in and out; for an
+        einsum: the products of the kernel axes it contracts and of those it outputs). None where
         unknown (a block discovered without example inputs).
       num_heads / head_dim: for attention sites.
       tokens_per_example: positions per example in the site's input (sequence length), when
