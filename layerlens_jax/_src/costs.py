@@ -18,8 +18,10 @@ Resources (one name for one thing, in code, JSON and CLI)
 ==================  ====================================================================================
 
 Notation: for a site, ``d_in`` / ``d_out`` are :attr:`Site.in_features` / :attr:`Site.out_features`
-(flattened products for ``LinearGeneral`` kernels; ``prod(kernel[:-1])`` and the output channels for
-``conv``; vocabulary size and width for ``embedding``; the model width for ``block``), ``H`` and
+(flattened products for ``LinearGeneral`` kernels; for an ``Einsum`` the products of the kernel axes
+it contracts and of those it carries to the output, :mod:`~layerlens_jax._src.einsum`;
+``prod(kernel[:-1])`` and the output channels for ``conv``; vocabulary size and width for
+``embedding``; the model width for ``block``), ``H`` and
 ``h`` the number of heads and head size of an ``attention`` site, ``n`` the positions per example
 the site sees (:attr:`Site.tokens_per_example`, else ``CostModel.seq_len``), ``T`` the reference
 sequence length (``CostModel.seq_len``, else the largest ``n`` over the sites), ``B`` the batch size.

@@ -13,6 +13,10 @@ identity whose backward pass receives gₙ = ∂ℓₙ/∂yₙ and returns, as t
   ‖∇Wₙ‖² = Σₜₛ (xₜ·xₛ)(gₜ·gₛ) (Gram form, O(T²(d_in+d_out))) or ‖XₙᵀGₙ‖² (outer-product form,
   O(T·d_in·d_out)), whichever is cheaper; the bias adds ‖Σₜ gₜ‖²;
 * embedding: ∇Eₙ adds gₜ to row idₜ; sort the ids, segment-sum the gₜ of equal ids, square;
+* einsum (Einsum with its own equation): the input and output gradient laid out by the equation
+  as the dense rule's Xₙ and Gₙ, wherever the example axis sits in the output (a fused
+  ``"BSD,CDKH->CBSKH"`` puts it second); a kernel axis shared by input and output squares the
+  per-example kernel gradients instead;
 * anything else (norms, convs, user modules): a *local* ``vmap`` over examples of the unit's own
   VJP — only that unit's per-example gradients exist, never the whole model's.
 
@@ -41,13 +45,15 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
+from layerlens_jax._src.einsum import per_example_operands
 from layerlens_jax._src.sites import (Site, flatten_paths, get_submodule, join_path,
                                       set_submodule)
 from layerlens_jax._src.stacked import (StackedTap, expand_leaf_paths, find_stacks, layer_paths,
                                         leaf_squares_fn)
 from layerlens_jax._src.unit_calls import CallProbe, apply_layout, call_spec, shared_tap
 
-__all__ = ["DEFAULT_TAP_PRECISION", "TAP_PRECISIONS", "AttendRule", "DenseRule", "EmbedRule", "LocalVJPRule", "TappedModel", "is_under", "tap_linen",
+__all__ = ["DEFAULT_TAP_PRECISION", "TAP_PRECISIONS", "AttendRule", "DenseRule", "EinsumRule",
+           "EmbedRule", "LocalVJPRule", "TappedModel", "is_under", "tap_linen",
            "tap_nnx"]
 
 def _to_bfloat16(a):
@@ -123,6 +129,30 @@ class DenseRule:
             sq = jnp.sum(w * w, axis=(1, 2))
         if self.has_bias:
             sq = sq + jnp.sum(jnp.sum(gs, axis=1) ** 2, axis=-1)
+        return sq
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+class EinsumRule:
+    """Einsum unit (the example axis anywhere in the output, e.g. a fused ``"BSD,CDKH->CBSKH"``):
+    its operands laid out by :func:`~layerlens_jax._src.einsum.per_example_operands`, then the
+    dense rule; a batched kernel squares the per-example kernel gradients directly."""
+
+    equation: str  # the module's einsum equation
+    has_bias: bool  # the unit owns a bias (Flax's layout: the kernel's output axes)
+    precision: str = DEFAULT_TAP_PRECISION  # of the dense rule's products
+
+    def sq_norms(self, x, g, aux):
+        """(B,) squared norms of the per-example kernel (and bias) gradients."""
+        del aux
+        ops = per_example_operands(self.equation, _as_f32(x), _as_f32(g))
+        if ops.kernel_grads is not None:
+            sq = jnp.sum(ops.kernel_grads.reshape(x.shape[0], -1) ** 2, axis=1)
+        else:
+            sq = DenseRule(d_in=ops.d_in, d_out=ops.d_out, has_bias=False,
+                           precision=self.precision).sq_norms(ops.xs, ops.gs, None)
+        if self.has_bias:
+            sq = sq + jnp.sum(ops.bias_grads.reshape(x.shape[0], -1) ** 2, axis=1)
         return sq
 
 
@@ -358,6 +388,8 @@ def _rule_for_nnx(module, own, precision: str = DEFAULT_TAP_PRECISION) -> Any:
                              has_bias="bias" in own, precision=precision)
     if isinstance(module, nnx.Embed) and own == ["embedding"]:
         return EmbedRule()
+    if isinstance(module, nnx.Einsum) and _einsum_owns(module.einsum_str, own, shapes):
+        return EinsumRule(equation=module.einsum_str, has_bias="bias" in own, precision=precision)
     graphdef, _, rest = nnx.split(module, lambda p, v: isinstance(v, nnx.Param) and len(p) == 1
                                   and p[0] in own, ...)
 
@@ -365,6 +397,15 @@ def _rule_for_nnx(module, own, precision: str = DEFAULT_TAP_PRECISION) -> Any:
         return nnx.merge(graphdef, own_params, rest)(x)
 
     return LocalVJPRule(apply)
+
+
+def _einsum_owns(equation, own, shapes) -> bool:
+    """An einsum unit the einsum rule covers: its own equation, a kernel of that many axes (not a
+    stacked one) and at most a bias besides."""
+    if not equation or "kernel" not in own or not set(own) <= {"kernel", "bias"}:
+        return False
+    kernel_spec = equation.replace(" ", "").split("->")[0].split(",")[-1]
+    return len(kernel_spec) == len(shapes["kernel"])
 
 
 def _nnx_units(model: nnx.Module, sites: list[Site], precision: str,
@@ -464,6 +505,9 @@ def _rule_for_linen(mod: nn.Module, own: list[str], sub: Mapping,
                          has_bias="bias" in own, precision=precision)
     if isinstance(mod, nn.Embed) and own == ["embedding"]:
         return EmbedRule()
+    if isinstance(mod, nn.Einsum) and _einsum_owns(mod.einsum_str, own,
+                                                   {k: sub[k].shape for k in own}):
+        return EinsumRule(equation=mod.einsum_str, has_bias="bias" in own, precision=precision)
     clone = mod.clone(parent=None)
     children = {k: v for k, v in sub.items() if k not in own}
 

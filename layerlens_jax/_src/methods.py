@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from layerlens_jax._src.sites import KINDS
+from layerlens_jax._src.kinds import KINDS
 
 __all__ = [
     "METHODS",

@@ -185,6 +185,20 @@ def _pins_and_catalogue(sites: tuple[Site, ...], pinned: Mapping[str, Any] | Non
     return pins, (catalogue.with_sizes(extra) if extra else catalogue)
 
 
+def _refuse_unbuildable(sites: tuple[Site, ...], options, mask: np.ndarray) -> None:
+    """ValueError naming the site, its kind and the method when an allowed option is one that
+    ``apply_plan`` cannot build on the site's module (:attr:`Site.build_refusals`, found at
+    discovery by ``apply_plan``'s own checks)."""
+    methods = np.array([m for m, _ in options])
+    for i, site in enumerate(sites):
+        for method, reason in site.build_refusals:
+            if mask[i, methods == method].any():
+                raise ValueError(
+                    f"site {site.path!r} of kind {site.kind!r} ({site.module_type}): apply_plan "
+                    f"cannot build {method} on it ({reason}); leave the site out, pin it to "
+                    f"'none' or set max_size={{{site.path!r}: 0}}")
+
+
 def _option_mask(sites: tuple[Site, ...], options, catalogue: Catalogue,
                  pins: Mapping[int, tuple[str, int]], min_size, max_size) -> np.ndarray:
     """Allowed options ``[S, O]``: compatible, pinned, within ``min_size`` / ``max_size``."""
@@ -209,6 +223,7 @@ def _option_mask(sites: tuple[Site, ...], options, catalogue: Catalogue,
     for i in set(mins) & set(maxs):
         if mins[i] > maxs[i]:
             raise ValueError(f"site {sites[i].path!r}: min_size {mins[i]} > max_size {maxs[i]}")
+    _refuse_unbuildable(sites, options, mask)
     empty = np.flatnonzero(~mask.any(axis=1))
     if len(empty):
         s = sites[empty[0]]

@@ -107,7 +107,8 @@ class ProfileStep:
 
     def __init__(self, model, loss_fn, first_batch, *, variables=None, sites=None,
                  sample_loss_fn=None, example_mask_key="example_mask",
-                 token_mask_key="attention_mask", precision=DEFAULT_TAP_PRECISION):
+                 token_mask_key="attention_mask", precision=DEFAULT_TAP_PRECISION,
+                 example=None):
         is_nnx = isinstance(model, nnx.Module)
         if not is_nnx and not isinstance(model, nn.Module):
             raise TypeError(f"profile expects an nnx.Module or a linen Module, "
@@ -115,7 +116,13 @@ class ProfileStep:
         if not is_nnx and variables is None:
             raise ValueError("profile of a Linen module needs its variables")
         if sites is None:
-            sites = discover_sites(model, variables, example=_example_inputs(first_batch))
+            if example is None:
+                example = _example_inputs(first_batch)
+            if example is None and not is_nnx:
+                raise ValueError("profile of a Linen module needs example inputs to find its "
+                                 "sites: pass example=(inputs...) (the model's call arguments) "
+                                 "or sites=discover_sites(module, variables, example=...)")
+            sites = discover_sites(model, variables, example=example)
         self.sites = tuple(sites)
         if not self.sites:
             raise ValueError("profile got an empty list of sites")
@@ -354,6 +361,7 @@ def profile(
     max_batches: int | None = None,
     progress: bool = False,
     precision: str = DEFAULT_TAP_PRECISION,
+    example: Any = None,
 ) -> LayerStats:
     """Profile every site of ``model`` over ``batches``: gradient norms and Fisher traces.
 
@@ -369,8 +377,10 @@ def profile(
         batches may differ in size (a smaller last batch is fine: the statistics are sums over
         examples), the step compiles once per distinct shape.
       variables: the Linen module's variables (``{"params": ...}``); ignored for NNX.
-      sites: the sites to report (default: :func:`discover_sites` on the first batch, when the
-        batch is a mapping holding ``input_ids``, else all sites found without example inputs).
+      sites: the sites to report (default: :func:`discover_sites` with ``example``, else with the
+        first batch's ``input_ids`` (and ``attention_mask``) when it is a mapping holding them,
+        else without example inputs: then sites lack the shapes only a forward pass shows, such
+        as a block's width and the positions per example, which ``allocate`` may need).
       sample_loss_fn: ``sample_loss_fn(model, batch, key) -> (B,)`` losses with labels sampled from
         the model (see :func:`sampled_label_loss`); adds ``fisher_trace_sampled``. Needs ``rng``.
       rng: PRNG key for the sampled labels (folded with the batch index).
@@ -383,6 +393,10 @@ def profile(
         NVIDIA GPUs, three bf16 passes on TPU, exact on CPU; Fisher traces within 1e-3 relative
         of exact), ``"highest"`` exact float32 everywhere, ``"default"``, ``"bfloat16"``
         (faster, about 1e-3 relative error). Gradient norms are unaffected.
+      example: example inputs of the model's call for site discovery, as for
+        :func:`discover_sites` (one array, a tuple of positional arguments, or
+        ``{"args": (...), "kwargs": {...}}``), for any batch structure: e.g. ``batch["image"]``.
+        Needed for a Linen module whose batches hold no ``input_ids``. Ignored with ``sites``.
 
     Returns:
       :class:`LayerStats` with ``grad_norm``, ``fisher_trace`` (and ``fisher_trace_sampled``) per
@@ -431,7 +445,7 @@ def profile(
         raise ValueError("profile got no batches") from None
     step = ProfileStep(model, loss_fn, first, variables=variables, sites=sites,
                        sample_loss_fn=sample_loss_fn, example_mask_key=example_mask_key,
-                       token_mask_key=token_mask_key, precision=precision)
+                       token_mask_key=token_mask_key, precision=precision, example=example)
 
     def all_batches():
         yield first

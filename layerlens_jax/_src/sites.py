@@ -29,6 +29,8 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
+from layerlens_jax._src.einsum import einsum_layout
+from layerlens_jax._src.kinds import KINDS  # the site kinds, in the order of the table above
 from layerlens_jax._src.stacked import find_stacks, layer_path, stack_root
 
 __all__ = [
@@ -43,8 +45,6 @@ __all__ = [
     "flatten_paths",
 ]
 
-#: The site kinds, in the order of the table above.
-KINDS = ("linear", "attention", "block", "embedding", "norm", "conv")
 
 _BUILTIN_KINDS: list[tuple[type, str]] = [
     (nnx.MultiHeadAttention, "attention"),
@@ -116,13 +116,17 @@ class Site:
       param_shapes: parameter path *relative to the site* -> shape, for every parameter under it.
       num_params: total parameters under the site.
       in_features / out_features: feature sizes of the site's input and output (for an embedding:
-        vocabulary size and embedding width; for attention: model width in and out). None where
+        vocabulary size and embedding width; for attention: model width in and out; for an
+        einsum: the products of the kernel axes it contracts and of those it outputs). None where
         unknown (a block discovered without example inputs).
       num_heads / head_dim: for attention sites.
       tokens_per_example: positions per example in the site's input (sequence length), when
         discovered with example inputs.
       stacked_module: for one layer of a stack built with ``nnx.vmap`` (path ``layers/3/fc1``), the
         path of the stacked module (``layers/fc1``) whose parameters carry the layer axis; else None.
+      build_refusals: ``((method, reason), ...)``: methods of the site's kind that ``apply_plan``
+        cannot build on its module (found at discovery by the checks ``apply_plan`` runs);
+        ``allocate`` refuses them. Empty for hand-made sites.
     """
 
     path: str
@@ -136,6 +140,11 @@ class Site:
     head_dim: int | None = None
     tokens_per_example: int | None = None
     stacked_module: str | None = None  # for one layer of an nnx.vmap stack: the stacked module
+    build_refusals: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):  # JSON gives lists: keep the record hashable
+        object.__setattr__(self, "build_refusals",
+                           tuple((str(m), str(r)) for m, r in self.build_refusals))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (parameter shapes as lists)."""
@@ -207,8 +216,8 @@ def _features_from_params(kind: str, module: Any, shapes: Mapping[str, tuple[int
         else:
             axis = getattr(module, "axis", (-1,))
             n_in = len(axis) if isinstance(axis, tuple) else 1
-            if hasattr(module, "kernel_shape") and hasattr(module, "einsum_str"):
-                n_in = 1  # Einsum: treat the leading kernel axis as input
+            if isinstance(module, (nnx.Einsum, nn.Einsum)):
+                return (*_einsum_features(module, k), nh, hd)
             fin, fout = math.prod(k[:n_in]), math.prod(k[n_in:])
     elif kind == "embedding" and "embedding" in shapes:
         fin, fout = shapes["embedding"]
@@ -216,6 +225,18 @@ def _features_from_params(kind: str, module: Any, shapes: Mapping[str, tuple[int
         size = next(iter(shapes.values()), (None,))
         fin = fout = size[-1] if size else None
     return fin, fout, nh, hd
+
+
+def _einsum_features(module: Any, kernel: tuple[int, ...]) -> tuple[int | None, int | None]:
+    """(contracted, output) sizes of an einsum kernel (its LoRA fan-in / fan-out; the module's own
+    kernel shape, so a stacked module's layer); (None, None) when LoRA cannot factor the equation
+    (the site's ``build_refusals`` say why)."""
+    own = getattr(module, "kernel_shape", None) or getattr(module, "shape", None) or kernel
+    try:
+        layout = einsum_layout(module.einsum_str or "", own)
+    except ValueError:
+        return None, None
+    return layout.fan_in, layout.fan_out
 
 
 def _discover_nnx(model: nnx.Module, example: tuple | None) -> list[Site]:
@@ -230,7 +251,8 @@ def _discover_nnx(model: nnx.Module, example: tuple | None) -> list[Site]:
         shapes = _shape_dict(nnx.state(module, nnx.Param).to_pure_dict())
         root = stack_root(path, stacks)
         if root is None:
-            sites.append(_make_site(path, kind, module, shapes, io_shapes.get(path)))
+            sites.append(_make_site(path, kind, module, shapes, io_shapes.get(path),
+                                    _refusals(module, kind, path, "nnx")))
             continue
         per_layer = {k: v[1:] for k, v in shapes.items()}  # the layer axis removed
         sites.extend(dataclasses.replace(
@@ -239,7 +261,13 @@ def _discover_nnx(model: nnx.Module, example: tuple | None) -> list[Site]:
     return sites
 
 
-def _make_site(path, kind, module, shapes, io) -> Site:
+def _refusals(module, kind, path, framework) -> tuple[tuple[str, str], ...]:
+    # imported here: the peft package imports this module
+    from layerlens_jax._src.peft.buildable import build_refusals
+    return build_refusals(module, kind, path, framework)
+
+
+def _make_site(path, kind, module, shapes, io, refusals=()) -> Site:
     fin, fout, nh, hd = _features_from_params(kind, module, shapes)
     tokens = None
     if io is not None:
@@ -263,7 +291,8 @@ def _make_site(path, kind, module, shapes, io) -> Site:
                 in_features=None if fin is None else int(fin),
                 out_features=None if fout is None else int(fout),
                 num_heads=None if nh is None else int(nh), head_dim=None if hd is None else int(hd),
-                tokens_per_example=None if tokens is None else int(tokens))
+                tokens_per_example=None if tokens is None else int(tokens),
+                build_refusals=refusals)
 
 
 class _Record(dict):
@@ -345,7 +374,8 @@ def _discover_linen(module: nn.Module, variables: Mapping, example) -> list[Site
             if kind is not None and path and path not in found:
                 x = a[0] if a else None
                 found[path] = (kind, type(ctx.module), getattr(x, "shape", None),
-                               getattr(out, "shape", None), ctx.module)
+                               getattr(out, "shape", None), ctx.module,
+                               _refusals(ctx.module, kind, path, "linen"))
         return out
 
     def run(variables):
@@ -355,12 +385,12 @@ def _discover_linen(module: nn.Module, variables: Mapping, example) -> list[Site
     jax.eval_shape(run, variables)
     params = variables.get("params", {})
     sites = []
-    for path, (kind, cls, in_shape, out_shape, mod) in found.items():
+    for path, (kind, cls, in_shape, out_shape, mod, refusals) in found.items():
         sub = params
         for part in path.split("/"):
             sub = sub.get(part, {}) if isinstance(sub, Mapping) else {}
         shapes = _shape_dict(sub)
-        sites.append(_make_site(path, kind, mod, shapes, (in_shape, out_shape)))
+        sites.append(_make_site(path, kind, mod, shapes, (in_shape, out_shape), refusals))
     return sorted(sites, key=lambda s: s.path)
 
 

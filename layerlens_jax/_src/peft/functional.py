@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from layerlens_jax._src.einsum import einsum_layout
+
 __all__ = [
     "ACTIVATIONS",
     "activation_fn",
@@ -35,6 +37,7 @@ __all__ = [
     "lora_embed_delta",
     "lora_attend_delta",
     "lora_einsum_delta",
+    "lora_einsum_delta_kernel",
     "lora_conv_delta",
     "adapter_delta",
     "prefix_reparam",
@@ -174,14 +177,19 @@ def lora_attend_delta(query: jax.Array, a: jax.Array, b: jax.Array, scale: float
 def lora_einsum_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, *,
                       einsum_str: str, kernel_shape: Sequence[int], dtype: Any = None,
                       precision: Any = None) -> jax.Array:
-    """Einsum LoRA: the einsum of ``x`` with the materialised update ``scale * (a @ b)``.
-
-    An arbitrary einsum need not contract the kernel's first axis, so the update kernel is built
-    (``O(kernel)`` memory, one extra einsum of the base's cost) rather than factored through the rank.
-    """
+    """Einsum LoRA on the contracting axes: ``A: (fan_in, r)`` maps the kernel axes the equation
+    contracts with ``x`` (flattened), ``B: (r, fan_out)`` maps the rank to the kernel axes it
+    carries to the output (:mod:`layerlens_jax._src.einsum`). Equal to the einsum of ``x`` with
+    the update ``scale * A @ B`` laid out as the kernel, computed through the rank."""
     x, a, b = _promote(x, a, b, dtype=dtype)
-    delta = (a @ b).reshape(tuple(kernel_shape)) * jnp.asarray(scale, a.dtype)
-    return jnp.einsum(einsum_str.replace(" ", ""), x, delta, precision=precision)
+    layout = einsum_layout(einsum_str, kernel_shape)
+    return layout.delta(x, a, b, scale, precision=precision)
+
+
+def lora_einsum_delta_kernel(a: jax.Array, b: jax.Array, scale: float,
+                             kernel_shape: Sequence[int], *, einsum_str: str) -> jax.Array:
+    """The einsum kernel update ``scale * A @ B`` in the kernel's axis order (for merging)."""
+    return einsum_layout(einsum_str, kernel_shape).delta_kernel(a, b, scale)
 
 
 def lora_conv_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, *,

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import flax.errors
 from flax import linen as nn
 
+from layerlens_jax._src.einsum import einsum_layout
 from layerlens_jax._src.peft import functional
 from layerlens_jax._src.methods import METHOD_KINDS, PeftOptions
 from layerlens_jax._src.peft.targets import LoRATarget, linen_lora_target
@@ -152,6 +153,7 @@ class PeftLinen(nn.Module):
         y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs.get("inputs")
         target = linen_lora_target(module, f"site {path!r}")
+        _check_linen_mergeable(target, path)
         a, b, scale = self._lora_params(module, target, size)
         delta = target.delta(x, a, b, scale, dropout=functools.partial(self._dropout, module),
                              call_kwargs=kwargs)
@@ -214,6 +216,21 @@ class PeftLinen(nn.Module):
         w2 = _param(module, "peft_prefix_mlp_w2", w2_init, (h, 2 * d), dt)
         b2 = _param(module, "peft_prefix_mlp_b2", _zeros, (2 * d,), dt)
         return functional.prefix_reparam(e, w1, b1, w2, b2, heads, head_dim)
+
+
+def _check_linen_mergeable(target: LoRATarget, path: str) -> None:
+    """:func:`merge_linen` folds ``a @ b`` reshaped to the kernel's shape (it sees only the
+    variables, not the module): an einsum whose contracted kernel axes are not its leading axes
+    (``"BSD,CDKH->CBSKH"``) needs a transpose it cannot know, so its LoRA is refused here (the NNX
+    ``LoRA`` supports it)."""
+    if target.kind != "einsum":
+        return
+    args = dict(target.delta_args)
+    layout = einsum_layout(args["einsum_str"], args["kernel_shape"], f"site {path!r}")
+    if layout.in_axes != tuple(range(len(layout.in_axes))):
+        raise ValueError(f"LoRA on site {path!r}: Linen LoRA needs the einsum's contracted kernel "
+                         f"axes first, and {layout.equation!r} contracts kernel axes "
+                         f"{layout.in_axes}; use the NNX model, or put them first in the kernel")
 
 
 def init_adapters(wrapped: PeftLinen, rng: jax.Array, variables: Mapping, *args, **kwargs) -> dict:

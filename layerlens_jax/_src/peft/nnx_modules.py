@@ -264,7 +264,7 @@ class LoRA(nnx.Module):
         a = self.peft_lora_a[...].astype(jnp.float32)
         b = self.peft_lora_b[...].astype(jnp.float32)
         n = len(self.stack) if a.ndim > 2 else 0
-        fn = functools.partial(functional.lora_delta_kernel, scale=self.scale, kernel_shape=kernel.shape[n:])
+        fn = functools.partial(self.target.delta_kernel, scale=self.scale)
         for _ in range(n):
             fn = jax.vmap(fn)
         delta = fn(a, b)

@@ -18,6 +18,7 @@ import jax
 from flax import linen as nn
 from flax import nnx
 
+from layerlens_jax._src.einsum import einsum_layout
 from layerlens_jax._src.peft import functional
 
 __all__ = ["LoRATarget", "LoRAKind", "LORA_KINDS", "nnx_lora_target", "linen_lora_target",
@@ -55,11 +56,20 @@ class LoRATarget:
         """
         row = LORA_KINDS[self.kind]
         args = dict(self.delta_args)
-        call_kwargs = call_kwargs or {}
-        args.update({k: call_kwargs[k] for k in row.call_args if call_kwargs.get(k)})
+        for k in row.call_args:
+            given = (call_kwargs or {}).get(k)
+            if given and _normalised(given) != _normalised(args[k]):
+                raise ValueError(f"LoRA on {self.kind} module: the call passes {k}={given!r} but "
+                                 f"the factors were built for {args[k]!r}")
         if dropout is not None and row.input_dropout:
             x = dropout(x)
         return row.delta(x, a, b, scale, dtype=dtype, **args)
+
+    def delta_kernel(self, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+        """One layer's kernel update ``scale * a @ b`` in the kernel's axis order and shape."""
+        row = LORA_KINDS[self.kind]
+        args = {k: v for k, v in self.delta_args if k in row.merge_args}
+        return row.delta_kernel(a, b, scale, self.kernel_shape[len(self.stack):], **args)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,8 +92,12 @@ class LoRAKind:
     delta: Callable[..., jax.Array]
     # whether LoRA dropout applies to the input (not to an embedding's integer ids)
     input_dropout: bool = True
-    # delta arguments a call of the wrapped module may override
+    # delta arguments a call of the wrapped module may repeat (they must equal the module's)
     call_args: tuple[str, ...] = ()
+    # (a, b, scale, kernel_shape, **merge_args) -> one layer's kernel update, for merging
+    delta_kernel: Callable[..., jax.Array] = functional.lora_delta_kernel
+    # delta arguments ``delta_kernel`` also takes
+    merge_args: tuple[str, ...] = ()
 
 
 def conv_padding(padding: Any, rank: int) -> str | tuple[tuple[int, int], ...]:
@@ -168,10 +182,18 @@ def _linen_general(m, where, shape):
 
 def _einsum(kernel_shape_attr: str):
     def read(m, where, shape):
-        ks = tuple(getattr(m, kernel_shape_attr))
-        return _target("einsum", where, shape, len(ks), ks[0], math.prod(ks[1:]),
-                       einsum_str=m.einsum_str, kernel_shape=ks)
+        ks = tuple(int(d) for d in getattr(m, kernel_shape_attr))
+        if not m.einsum_str:
+            raise ValueError(f"LoRA on {where}: the Einsum has no einsum_str of its own (given "
+                             f"only at call time); set it on the module")
+        layout = einsum_layout(m.einsum_str, ks, where)
+        return _target("einsum", where, shape, len(ks), layout.fan_in, layout.fan_out,
+                       in_axes=len(layout.in_axes), einsum_str=layout.equation, kernel_shape=ks)
     return read
+
+
+def _normalised(value: Any) -> Any:
+    return value.replace(" ", "") if isinstance(value, str) else value
 
 
 def _nnx_embed(m, where, shape):
@@ -224,7 +246,8 @@ LORA_KINDS: dict[str, LoRAKind] = {row.kind: row for row in (
              delta=functional.lora_general_delta),
     LoRAKind(kind="einsum", kernel_name="kernel", nnx_type=nnx.Einsum, linen_type=nn.Einsum,
              read_nnx=_einsum("kernel_shape"), read_linen=_einsum("shape"),
-             delta=functional.lora_einsum_delta, call_args=("einsum_str",)),
+             delta=functional.lora_einsum_delta, call_args=("einsum_str",),
+             delta_kernel=functional.lora_einsum_delta_kernel, merge_args=("einsum_str",)),
     LoRAKind(kind="embed", kernel_name="embedding", nnx_type=nnx.Embed, linen_type=nn.Embed,
              read_nnx=_nnx_embed, read_linen=_linen_embed, delta=functional.lora_embed_delta,
              input_dropout=False),
