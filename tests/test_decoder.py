@@ -249,12 +249,13 @@ def test_scanned_profile_equals_the_unscanned_twins_per_layer():
     np.testing.assert_allclose(b.grad_norm, a.grad_norm, rtol=2e-4)
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_decoder_end_to_end_profile_allocate_apply_train_merge(scan_layers):
-    model = Decoder(dataclasses.replace(CFG, scan_layers=scan_layers), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("scan_layers, tied", [(False, False), (True, True)])
+def test_decoder_end_to_end_profile_allocate_apply_train_merge(scan_layers, tied):
+    model = Decoder(dataclasses.replace(CFG, scan_layers=scan_layers, tie_embeddings=tied),
+                    rngs=nnx.Rngs(0))
     batches = _pattern_batches(2, seed=0)
     stats = profile(model, causal_lm_loss, batches)
-    assert "layers/1/attn/q_proj" in stats.paths and "lm_head" in stats.paths
+    assert "layers/1/attn/q_proj" in stats.paths and ("lm_head" in stats.paths) != tied
     assert stats.num_tokens == 2 * (8 * 16 - 4)  # 4 padded positions per batch
     plan = allocate(stats.sites, utility(stats), {"params": 1_500},
                     catalogue=Catalogue.from_sizes(lora=(1, 2, 4, 8)))

@@ -141,6 +141,7 @@ class EinsumRule:
     equation: str  # the module's einsum equation
     has_bias: bool  # the unit owns a bias (Flax's layout: the kernel's output axes)
     precision: str = DEFAULT_TAP_PRECISION  # of the dense rule's products
+    table_use = None  # no cross terms: an einsum unit may be called once per pass
 
     def sq_norms(self, x, g, aux):
         """(B,) squared norms of the per-example kernel (and bias) gradients."""

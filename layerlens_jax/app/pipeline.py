@@ -56,7 +56,7 @@ __all__ = ["Prepared", "CurvePoint", "VariantResult", "prepare", "classification
            "summarise", "comparison_markdown", "write_json", "read_json", "PLAN_VARIANTS",
            "DivergenceError", "check_arrays", "check_stats_json"]
 
-PLAN_VARIANTS = ("uniform_lora", "layerlens_lora", "layerlens_mixed")
+PLAN_VARIANTS = ("uniform_lora", "uniform_widest", "layerlens_lora", "layerlens_mixed")
 
 
 # ----------------------------------------------------------------------------------- files
@@ -326,7 +326,9 @@ def measure_whole_step(prep: Prepared):
 
 def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
                step_profile=None) -> dict[str, Any]:
-    """The three plan variants at the same trainable-parameter budget.
+    """The plan variants at the same trainable-parameter budget: the reference uniform LoRA, the
+    widest uniform LoRA that fits (:func:`~layerlens_jax.app.sweep.widest_uniform`, the validated
+    default) and the two allocated plans.
 
     With ``step_profile`` (:func:`measure_whole_step`) the ``vram_bytes`` / ``train_flops`` budgets
     are of the whole train step, and every plan's ``use`` is its whole-step prediction."""
@@ -334,6 +336,7 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
     from layerlens_jax._src.costs import Catalogue, CostModel
     from layerlens_jax._src.plan import Plan, uniform_assignments
     from layerlens_jax._src.step_cost import with_step_use
+    from layerlens_jax.app.sweep import widest_uniform
 
     b, a = cfg.budget, cfg.allocate
     peft_options = {"lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora}
@@ -355,11 +358,20 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
             sites, uniform_assignments(sites, "lora", rank, b.reference_targets), u,
             peft_options=reference_options, metadata={"variant": "uniform_lora"},
             cost_model=cost_model)
+    widest = widest_uniform(sites, params_budget)
+    if widest is None:
+        raise ValueError(f"uniform_widest: no uniform LoRA target set fits the parameter budget "
+                         f"{params_budget:,.6g}; raise budget.scale")
+    name, targets, rank, _ = widest
+    uniform_widest = Plan.from_assignments(
+        sites, uniform_assignments(sites, "lora", rank, targets), u,
+        peft_options=reference_options, cost_model=cost_model,
+        metadata={"variant": "uniform_widest", "targets": name, "rank": rank})
     utilisation = tuple(b.utilisation) if b.utilisation else None
     lora_only = Catalogue.from_sizes(lora=a.lora_ranks)
     mixed = Catalogue.from_sizes(lora=a.lora_ranks, adapter=a.adapter_sizes,
                                  prefix=a.prefix_lengths)
-    plans = {"uniform_lora": uniform}
+    plans = {"uniform_lora": uniform, "uniform_widest": uniform_widest}
     gain = a.gain_model()
     with warnings.catch_warnings():  # an empty plan is reported below, as the job's own error
         warnings.filterwarnings("ignore", message="allocate returned an empty plan")

@@ -31,7 +31,7 @@ from scipy import stats as sps
 from layerlens_jax._src.costs import trainable_params
 from layerlens_jax._src.sites import Site
 
-__all__ = ["TARGET_SETS", "uniform_candidates", "run_key", "best_by_validation",
+__all__ = ["TARGET_SETS", "uniform_candidates", "widest_uniform", "run_key", "best_by_validation",
            "PairedDifference", "paired_difference"]
 
 #: LoRA target sets of the uniform baselines, by the last component of a site's path.
@@ -68,6 +68,28 @@ def uniform_candidates(sites: Sequence[Site], budget_params: float,
         if rank >= 1:
             out[f"uniform:{name}"] = (tuple(targets), rank, rank * per_rank)
     return out
+
+
+def widest_uniform(sites: Sequence[Site], budget_params: float,
+                   target_sets: Mapping[str, Sequence[str]] = TARGET_SETS
+                   ) -> tuple[str, tuple[str, ...], int, int] | None:
+    """``(name, targets, rank, params)``: of the uniform candidates that fit the budget, the one
+    covering the most sites (ties: more parameters), at its largest rank -- "LoRA on all linear
+    layers" when rank 1 of it fits, else the widest set that does. None when nothing fits.
+
+    The validated default (see README "Task validation"): on the four tasks' validation splits
+    breadth at low rank beat every allocated plan, at 1/8 of the reference budget (only
+    query+value fits: +2.5 points over the plans) and at the full budget (all linear layers at
+    rank 1: +0.8 over the utility plan, mean of four tasks).
+    """
+    best = None
+    for name, (targets, rank, params) in uniform_candidates(sites, budget_params,
+                                                           target_sets).items():
+        width = sum(1 for s in sites if s.kind == "linear" and s.path.rsplit("/", 1)[-1]
+                    in targets)
+        if best is None or (width, params) > best[0]:
+            best = ((width, params), (name, targets, rank, params))
+    return None if best is None else best[1]
 
 
 def run_key(settings: Mapping[str, Any]) -> str:
