@@ -30,6 +30,7 @@ from layerlens_jax._src.utility import UtilityConfig, UtilityReport, utility, ut
 # 3. costs and allocation: which method and size per site, under budgets
 from layerlens_jax._src.costs import Catalogue, CostModel, GainModel, calibrate_latency
 from layerlens_jax._src.spectral import GradientSpectra, SpectralGain, gradient_spectra
+from layerlens_jax._src.probe import ProbeResult, probe_utility
 from layerlens_jax._src.step_cost import StepProfile, measure_step_profile
 from layerlens_jax._src.allocate import allocate, allocate_curve
 from layerlens_jax._src.exact import allocate_exact
@@ -40,8 +41,8 @@ from layerlens_jax._src.export import to_peft_config
 # 5. PEFT: apply the plan, train only the adapters, merge
 from layerlens_jax._src.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
                                      apply_plan, count_trainable, init_adapters, merge)
-from layerlens_jax._src.train import (make_functional_train_step, make_optimizer,
-                                      make_train_step)
+from layerlens_jax._src.train import (linen_variables, make_functional_train_step,
+                                      make_linen_train_step, make_optimizer, make_train_step)
 from layerlens_jax._src.checkpoint import CheckpointError, restore_adapters, save_adapters
 # reference models (BERT-style encoder, NNX and Linen)
 from layerlens_jax.models import BertClassifier, BertConfig, LinenBertClassifier
@@ -54,11 +55,13 @@ __all__ = [
     "UtilityConfig", "UtilityReport", "utility", "utility_report",
     "Catalogue", "CostModel", "GainModel", "calibrate_latency",
     "GradientSpectra", "SpectralGain", "gradient_spectra", "StepProfile", "measure_step_profile",
+    "ProbeResult", "probe_utility",
     "allocate", "allocate_curve", "allocate_exact",
     "Plan", "SiteAllocation", "load_plan", "plan_metrics", "save_plan", "to_peft_config",
     "BASE_FILTER", "PEFT_FILTER", "Adapter", "LoRA", "PeftParam", "Prefix",
     "apply_plan", "count_trainable", "init_adapters", "merge",
-    "make_functional_train_step", "make_optimizer", "make_train_step",
+    "make_functional_train_step", "make_linen_train_step", "linen_variables", "make_optimizer",
+    "make_train_step",
     "CheckpointError", "restore_adapters", "save_adapters",
     "BertClassifier", "BertConfig", "LinenBertClassifier",
 ]

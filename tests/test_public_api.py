@@ -19,13 +19,14 @@ PACKAGE_DIR = ROOT / "layerlens_jax"
 PUBLIC_API = [
     "Adapter", "BASE_FILTER", "BertClassifier", "BertConfig", "Catalogue", "CheckpointError",
     "CostModel", "GainModel", "GradientSpectra", "KINDS", "LayerStats", "LinenBertClassifier",
-    "LoRA", "PEFT_FILTER", "PeftParam", "Plan", "Prefix", "ProfileStep", "Site", "SiteAllocation",
-    "SpectralGain", "StepProfile", "UtilityConfig", "UtilityReport", "allocate", "allocate_curve",
-    "allocate_exact", "apply_plan", "calibrate_latency", "count_trainable", "discover_sites",
-    "gradient_spectra", "init_adapters", "load_plan", "make_functional_train_step",
-    "make_optimizer", "make_train_step", "measure_step_profile", "merge", "plan_metrics",
-    "profile", "register_site_kind", "restore_adapters", "sampled_label_loss", "save_adapters",
-    "save_plan", "site_kind_of", "to_peft_config", "utility", "utility_report",
+    "LoRA", "PEFT_FILTER", "PeftParam", "Plan", "Prefix", "ProbeResult", "ProfileStep", "Site",
+    "SiteAllocation", "SpectralGain", "StepProfile", "UtilityConfig", "UtilityReport", "allocate",
+    "allocate_curve", "allocate_exact", "apply_plan", "calibrate_latency", "count_trainable",
+    "discover_sites", "gradient_spectra", "init_adapters", "linen_variables", "load_plan",
+    "make_functional_train_step", "make_linen_train_step", "make_optimizer", "make_train_step",
+    "measure_step_profile", "merge", "plan_metrics", "probe_utility", "profile",
+    "register_site_kind", "restore_adapters", "sampled_label_loss", "save_adapters", "save_plan",
+    "site_kind_of", "to_peft_config", "utility", "utility_report",
 ]
 
 # Importing the core must not pull in the application or its extras.
