@@ -358,20 +358,11 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
             sites, uniform_assignments(sites, "lora", rank, b.reference_targets), u,
             peft_options=reference_options, metadata={"variant": "uniform_lora"},
             cost_model=cost_model)
-    widest = widest_uniform(sites, params_budget)
-    if widest is None:
-        raise ValueError(f"uniform_widest: no uniform LoRA target set fits the parameter budget "
-                         f"{params_budget:,.6g}; raise budget.scale")
-    name, targets, rank, _ = widest
-    uniform_widest = Plan.from_assignments(
-        sites, uniform_assignments(sites, "lora", rank, targets), u,
-        peft_options=reference_options, cost_model=cost_model,
-        metadata={"variant": "uniform_widest", "targets": name, "rank": rank})
     utilisation = tuple(b.utilisation) if b.utilisation else None
     lora_only = Catalogue.from_sizes(lora=a.lora_ranks)
     mixed = Catalogue.from_sizes(lora=a.lora_ranks, adapter=a.adapter_sizes,
                                  prefix=a.prefix_lengths)
-    plans = {"uniform_lora": uniform, "uniform_widest": uniform_widest}
+    plans = {"uniform_lora": uniform}
     gain = a.gain_model()
     with warnings.catch_warnings():  # an empty plan is reported below, as the job's own error
         warnings.filterwarnings("ignore", message="allocate returned an empty plan")
@@ -386,6 +377,16 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
     for name, catalogue in (("layerlens_lora", lora_only), ("layerlens_mixed", mixed)):
         if all(x.method == "none" for x in plans[name].allocations):
             raise ValueError(_adapts_nothing(cfg, name, sites, catalogue, params_budget))
+    widest = widest_uniform(sites, params_budget)
+    if widest is None:
+        raise ValueError(f"plan uniform_widest adapts no site: no uniform LoRA target set fits "
+                         f"the parameter budget {params_budget:,.6g}; raise budget.scale")
+    name, targets, rank, _ = widest
+    plans = {"uniform_lora": uniform, "uniform_widest": Plan.from_assignments(
+        sites, uniform_assignments(sites, "lora", rank, targets), u,
+        peft_options=reference_options, cost_model=cost_model,
+        metadata={"variant": "uniform_widest", "targets": name, "rank": rank}),
+        **{k: v for k, v in plans.items() if k != "uniform_lora"}}
     if step_profile is not None:  # every plan's use is its whole-step prediction
         plans = {name: plan if "step_cost" in plan.metadata
                  else with_step_use(plan, sites, step_profile) for name, plan in plans.items()}
