@@ -302,3 +302,34 @@ def test_package_docstring_flow_runs_with_adapters():
     exec(lines[8], ns)
     np.testing.assert_allclose(ns["model"](batch["input_ids"], batch["attention_mask"]),
                                trained(batch["input_ids"], batch["attention_mask"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_tied_embedding_lora_flops_equal_the_matmul_count(tied):
+    """Discovery records the attend use of a tied table (``Site.attend_tokens``); the cost model's
+    unmerged forward FLOPs of its LoRA equal the matmuls the wrapped model adds (plus the scale-
+    and-add terms the matmul count leaves out): the lookup's ``A[ids] @ B`` and, tied, the
+    output layer's ``(h @ B.T) @ A.T``."""
+    import dataclasses as dc
+
+    from layerlens_jax._src.costs import CostModel, site_option_cost
+    from layerlens_jax._src.train import matmul_flops
+    from layerlens_jax.decoder import Decoder, DecoderConfig
+
+    model = Decoder(dc.replace(DecoderConfig.tiny(), tie_embeddings=tied), rngs=nnx.Rngs(0))
+    batch, seq, rank = 2, 10, 4
+    ids = jnp.zeros((batch, seq), jnp.int32)
+    site = next(s for s in discover_sites(model, example=(ids,)) if s.kind == "embedding")
+    assert site.attend_tokens == (seq if tied else None)
+
+    def flops(m):
+        graphdef, state = nnx.split(m)
+        return matmul_flops(lambda s: nnx.merge(graphdef, s)(ids), state)
+
+    added = flops(apply_plan(model, {site.path: ("lora", rank)})) - flops(model)
+    vocab, width = site.in_features, site.out_features
+    per_token = site_option_cost(site, "lora", rank,
+                                 CostModel(merge_lora=False, seq_len=seq))["infer_flops"]
+    adds = seq * 2 * width + (seq * 2 * vocab if tied else 0)  # scale-and-add, per example
+    assert per_token * seq * batch - batch * adds == pytest.approx(added)
+    assert added == batch * seq * (2 * rank * width + (2 * rank * (vocab + width) if tied else 0))

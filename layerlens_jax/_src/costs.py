@@ -41,7 +41,9 @@ Forward FLOPs per position (multiply-add = 2 FLOPs), unmerged
 -------------------------------------------------------------
 
 * LoRA on ``linear``/``conv``: ``2*r*(d_in + d_out) + 2*d_out`` (x·A, (xA)·B, scale and add);
-  on ``embedding``: ``2*r*width + 2*width`` (the row gather of A is free).
+  on ``embedding``: ``2*r*width + 2*width`` (the row gather of A is free), plus, for a tied
+  embedding also used as the output layer (:attr:`Site.attend_tokens` positions ``n_a``), that
+  use's ``(2*r*(vocab + width) + 2*vocab) * n_a / n`` (``(h·Bᵀ)·Aᵀ``, scale and add).
 * Adapter: ``4*d*b + 2*b + 2*d`` (two matmuls, bias + activation, bias + residual add).
 * Prefix: ``4*p*H*h + 3*p*H`` (scores against p extra keys, probabilities times p extra values,
   softmax work on the extra columns).
@@ -61,7 +63,8 @@ Training memory (bytes)
 gradients), ``k`` the optimizer's state slots per parameter (:data:`OPTIMIZER_STATE_SLOTS`:
 sgd 0, momentum 1, adam/adamw 2, ...), ``s`` the optimizer-state dtype size, ``e`` the activation
 dtype size and ``a`` the elements saved for backward per position: LoRA ``c_in + r`` (its input and
-x·A; ``c_in`` = input channels, ``d_in`` except for conv, ``r`` only for embedding), adapter
+x·A; ``c_in`` = input channels, ``d_in`` except for conv, ``r`` only for embedding, plus
+``(width + r) * n_a / n`` for a tied embedding's attend use), adapter
 ``d + 2*b`` (input, pre- and post-activation), prefix ``p*H`` (attention probabilities on the extra
 keys). The frozen base model's own memory is not counted: costs are increments. The whole step
 (base parameters, backward through every layer above the lowest adapted one) is modelled in
@@ -462,7 +465,11 @@ def option_costs(sites: Sequence[Site], options: Sequence[tuple[str, int]],
     fwd = np.where(is_lora, np.where(emb, 2 * k * d_out + 2 * d_out, 2 * k * (d_in + d_out) + 2 * d_out), 0.0)
     fwd = np.where(is_adapter, 4 * d_out * k + 2 * k + 2 * d_out, fwd)
     fwd = np.where(is_prefix, 4 * k * heads * hd + 3 * k * heads, fwd)
+    # a tied embedding's LoRA also runs in its attend use: (h B^T) A^T, scale and add, per position
+    attend = np.array([float(s.attend_tokens or 0) for s in sites])[:, None]
+    attend_fwd = np.where(is_lora & emb, 2 * k * (d_in + d_out) + 2 * d_in, 0.0)
     per_token = n / T
+    fwd = fwd + attend_fwd * attend / n  # per position of the lookup, so n / T makes it per token
     train = 3.0 * fwd * per_token
     if m_proj:
         step_tokens = cm.batch_size * T
@@ -474,7 +481,7 @@ def option_costs(sites: Sequence[Site], options: Sequence[tuple[str, int]],
     sdt = _dtype_size(cm.optimizer_state_dtype or cm.param_dtype, "optimizer_state_dtype")
     e = _dtype_size(cm.activation_dtype, "activation_dtype")
     slots = OPTIMIZER_STATE_SLOTS[cm.optimizer]
-    act = np.where(is_lora, np.where(emb, k, c_in + k), 0.0)
+    act = np.where(is_lora, np.where(emb, k + (d_out + k) * attend / n, c_in + k), 0.0)
     act = np.where(is_adapter, d_out + 2 * k, act)
     act = np.where(is_prefix, k * heads, act)
     vram = params * (2 * w + slots * sdt) + cm.batch_size * n * act * e

@@ -127,6 +127,9 @@ class Site:
       build_refusals: ``((method, reason), ...)``: methods of the site's kind that ``apply_plan``
         cannot build on its module (found at discovery by the checks ``apply_plan`` runs);
         ``allocate`` refuses them. Empty for hand-made sites.
+      attend_tokens: for an embedding also used as the output layer (``embed.attend(h)``, tied
+        weights), the positions per example of that use (its LoRA costs FLOPs there too); None
+        when not seen so (discovered without example inputs, or untied).
     """
 
     path: str
@@ -141,6 +144,7 @@ class Site:
     tokens_per_example: int | None = None
     stacked_module: str | None = None  # for one layer of an nnx.vmap stack: the stacked module
     build_refusals: tuple[tuple[str, str], ...] = ()
+    attend_tokens: int | None = None  # positions per example of an Embed.attend use (tied)
 
     def __post_init__(self):  # JSON gives lists: keep the record hashable
         object.__setattr__(self, "build_refusals",
@@ -269,9 +273,12 @@ def _refusals(module, kind, path, framework) -> tuple[tuple[str, str], ...]:
 
 def _make_site(path, kind, module, shapes, io, refusals=()) -> Site:
     fin, fout, nh, hd = _features_from_params(kind, module, shapes)
-    tokens = None
+    tokens = attend_tokens = None
     if io is not None:
-        in_shape, out_shape = io
+        in_shape, out_shape = io[:2]
+        attend = io[2] if len(io) > 2 else None
+        if kind == "embedding" and attend is not None and len(attend) >= 2:
+            attend_tokens = math.prod(attend[1:-1])  # positions between batch and width
         if in_shape is not None and len(in_shape) >= 2:
             if kind == "embedding":
                 tokens = math.prod(in_shape[1:])
@@ -292,11 +299,17 @@ def _make_site(path, kind, module, shapes, io, refusals=()) -> Site:
                 out_features=None if fout is None else int(fout),
                 num_heads=None if nh is None else int(nh), head_dim=None if hd is None else int(hd),
                 tokens_per_example=None if tokens is None else int(tokens),
-                build_refusals=refusals)
+                build_refusals=refusals,
+                attend_tokens=None if attend_tokens is None else int(attend_tokens))
 
 
 class _Record(dict):
-    """The recorder's results, a static (hashed by identity) attribute of an NNX module."""
+    """The recorder's results, a static (hashed by identity) attribute of an NNX module; ``attend``:
+    ``{path: query shape}`` of the first ``attend`` call of each site."""
+
+    def __init__(self):
+        super().__init__()
+        self.attend: dict[str, tuple | None] = {}
 
     __hash__ = object.__hash__
     __eq__ = object.__eq__
@@ -324,7 +337,13 @@ class _CallRecorder(nnx.Module):
         inner = vars(self).get("_inner")
         if inner is None or name.startswith("__"):
             raise AttributeError(name)
-        return getattr(inner, name)
+        value = getattr(inner, name)
+        if name == "attend" and callable(value):  # a tied output layer: record its positions
+            def attend(query, *args, **kwargs):
+                self._record.attend.setdefault(self._path, getattr(query, "shape", None))
+                return value(query, *args, **kwargs)
+            return attend
+        return value
 
 
 def split_example(example) -> tuple[tuple, dict]:
@@ -340,6 +359,10 @@ def split_example(example) -> tuple[tuple, dict]:
 def trace_site_calls(model: nnx.Module, example) -> dict[str, tuple]:
     """``{site path: (input shape, input dtype, output shape)}`` of one abstract forward pass of
     ``model(*example)``, in the order the sites are entered."""
+    return dict(_trace_calls(model, example))
+
+
+def _trace_calls(model: nnx.Module, example) -> "_Record":
     args, kwargs = split_example(example)
     graphdef, state = nnx.split(model)
     record: dict[str, tuple] = _Record()
@@ -352,11 +375,13 @@ def trace_site_calls(model: nnx.Module, example) -> dict[str, tuple]:
         return m(*args, **kwargs)
 
     jax.eval_shape(run, state, args, kwargs)
-    return dict(record)
+    return record
 
 
 def _nnx_io_shapes(model: nnx.Module, example) -> dict[str, tuple]:
-    return {p: (ins, outs) for p, (ins, _, outs) in trace_site_calls(model, example).items()}
+    """``{path: (input shape, output shape, attend query shape or None)}``."""
+    record = _trace_calls(model, example)
+    return {p: (ins, outs, record.attend.get(p)) for p, (ins, _, outs) in record.items()}
 
 
 def _discover_linen(module: nn.Module, variables: Mapping, example) -> list[Site]:
@@ -365,9 +390,12 @@ def _discover_linen(module: nn.Module, variables: Mapping, example) -> list[Site
                          "(example=(input_ids, ...)): Linen builds its submodules only when called")
     args, kwargs = split_example(example)
     found: dict[str, tuple] = {}
+    attend: dict[str, tuple] = {}
 
     def interceptor(next_fun, a, kw, ctx):
         out = next_fun(*a, **kw)
+        if ctx.method_name == "attend" and a:  # a tied output layer
+            attend.setdefault(join_path(ctx.module.scope.path), getattr(a[0], "shape", None))
         if ctx.method_name == "__call__":
             kind = site_kind_of(ctx.module)
             path = join_path(ctx.module.scope.path)
@@ -390,7 +418,8 @@ def _discover_linen(module: nn.Module, variables: Mapping, example) -> list[Site
         for part in path.split("/"):
             sub = sub.get(part, {}) if isinstance(sub, Mapping) else {}
         shapes = _shape_dict(sub)
-        sites.append(_make_site(path, kind, mod, shapes, (in_shape, out_shape), refusals))
+        sites.append(_make_site(path, kind, mod, shapes, (in_shape, out_shape, attend.get(path)),
+                                refusals))
     return sorted(sites, key=lambda s: s.path)
 
 
