@@ -8,7 +8,10 @@ limit adapts only the top layers: for every uniform target set {query+value, q+k
 linear} and every lowest layer ``k``, LoRA on layers ``k..L-1`` at the largest rank that fits the
 parameter budget, kept when its predicted whole-step memory fits; per target set the one reaching
 lowest. Those candidates and the plan train with the same seeds; the best uniform is chosen on
-validation; the table reports predicted vs XLA-measured step memory for every variant.
+validation; the table reports predicted vs XLA-measured step memory for every variant. The plan
+comes twice: allocated at the budget on the prediction alone (``layerlens_vram``), and with its
+compiled step checked and re-allocated until it fits (``layerlens_vram_checked``, what
+``layerlens plan`` does under a ``vram_bytes`` budget).
 
     python scripts/validate_vram.py --task trec6 --fraction 0.6 --seeds 0 1 2
 
@@ -32,8 +35,9 @@ from layerlens_jax._src.fileio import atomic_write_json
 from layerlens_jax._src.plan import Plan, uniform_assignments
 from layerlens_jax._src.step_cost import with_step_use
 from layerlens_jax.app.config import load_config
-from layerlens_jax.app.pipeline import (make_plans, measure_whole_step, prepare, run_profile,
-                                        train_variant)
+from layerlens_jax.app.pipeline import (make_plans, measure_step_memory, measure_whole_step,
+                                        prepare, run_profile, train_variant,
+                                        within_measured_memory)
 from layerlens_jax.app.sweep import (TARGET_SETS, best_by_validation, paired_difference, run_key,
                                      uniform_candidates)
 
@@ -97,11 +101,16 @@ def main():
     memory_budget = args.fraction * reference.use["vram_bytes"]
     a = cfg.allocate
     plans = {"uniform_lora (unbounded)": reference}
-    plans["layerlens_vram"] = allocate(
-        sites, u, {"params": params_budget, "vram_bytes": memory_budget},
-        catalogue=Catalogue.from_sizes(lora=a.lora_ranks), gain_model=a.gain_model(),
-        step_profile=profile, peft_options={"lora_alpha": a.lora_alpha,
-                                            "use_rslora": a.use_rslora})
+    def allocate_at(vram):
+        return allocate(sites, u, {"params": params_budget, "vram_bytes": vram},
+                        catalogue=Catalogue.from_sizes(lora=a.lora_ranks),
+                        gain_model=a.gain_model(), step_profile=profile,
+                        peft_options={"lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora})
+
+    plans["layerlens_vram"] = allocate_at(memory_budget)  # at the predicted budget
+    plans["layerlens_vram_checked"] = within_measured_memory(  # its compiled step checked
+        allocate_at, memory_budget,
+        lambda p: measure_step_memory(prep, "layerlens_lora", p))
     ref_opts = {"lora_alpha": cfg.budget.reference_alpha, "use_rslora": False}
     plans.update(uniform_top_candidates(sites, u, params_budget, memory_budget, profile, ref_opts))
     store["budgets"] = {"params": params_budget, "vram_bytes": memory_budget,

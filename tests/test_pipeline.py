@@ -294,8 +294,40 @@ def test_whole_step_prediction_matches_the_trained_steps_memory():
         ratio = plan.use["vram_bytes"] / r.step_memory_bytes
         assert 0.85 <= ratio <= 1.15, (name, ratio)
     cap = 0.97 * plans["uniform_lora"].use["vram_bytes"]
-    capped = make_plans(dataclasses.replace(
-        prep.cfg, budget=dataclasses.replace(prep.cfg.budget, vram_bytes=cap)), sites, u, profile)
+    capped_cfg = dataclasses.replace(
+        prep.cfg, budget=dataclasses.replace(prep.cfg.budget, vram_bytes=cap))
+    capped = make_plans(capped_cfg, sites, u, profile)
     for name in ("layerlens_lora", "layerlens_mixed"):
         assert capped[name].use["vram_bytes"] <= cap
         assert capped[name].metadata["step_cost"]["enumerated_depth"] is not None
+    # with the compiled-step check, the plan's measured step memory is within the budget itself
+    from layerlens_jax.app.pipeline import measure_step_memory
+
+    prep_capped = dataclasses.replace(prep, cfg=capped_cfg)
+    checked = make_plans(capped_cfg, sites, u, profile,
+                         lambda name, p: measure_step_memory(prep_capped, name, p))
+    plan = checked["layerlens_lora"]
+    assert plan.metadata["measured_step_bytes"] <= cap and plan.budgets["vram_bytes"] == cap
+    assert plan.metadata["measured_step_bytes"] == measure_step_memory(prep_capped,
+                                                                       "layerlens_lora", plan)
+
+
+def test_within_measured_memory_lowers_the_budget_until_the_compiled_step_fits():
+    """A stand-in allocator and measurement: the measured step is 10 % over the effective budget
+    the plan was allocated at, so rounds lower it until the measurement is under the budget."""
+    from layerlens_jax._src.plan import Plan
+    from layerlens_jax.app.pipeline import within_measured_memory
+
+    seen = []
+
+    def allocate_at(vram):
+        seen.append(vram)
+        return Plan.create(allocations=(), budgets={"vram_bytes": vram}, use={}, dual_bound=None,
+                           objective=0.0, metadata={"vram": vram})
+
+    plan = within_measured_memory(allocate_at, 100.0, lambda p: 1.1 * p.metadata["vram"])
+    assert seen[0] == 100.0 and len(seen) >= 2 and 1.1 * seen[-1] <= 100.0
+    assert all(b < a for a, b in zip(seen, seen[1:]))
+    assert plan.metadata["vram_rounds"] == len(seen) and plan.budgets["vram_bytes"] == 100.0
+    with pytest.raises(ValueError, match="no plan found whose compiled train step fits"):
+        within_measured_memory(allocate_at, 100.0, lambda p: 200.0, rounds=3)

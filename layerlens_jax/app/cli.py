@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import sys
 import time
 import tomllib
@@ -147,7 +148,12 @@ def stage_plan(ctx: StageContext) -> StageOutcome:
         ctx.log(f"step profile: {len(step_profile.groups)} layer groups, whole-step memory "
                 f"{min(step_profile.vram_bytes) / 2**20:.0f}-{max(step_profile.vram_bytes) / 2**20:.0f}"
                 f" MiB by lowest adapted group ({time.perf_counter() - t0:.1f}s)")
-    plans = make_plans(cfg, sites, u, step_profile)
+    measure = None
+    if step_profile is not None and math.isfinite(cfg.budget.vram_bytes):
+        from layerlens_jax.app.pipeline import measure_step_memory
+
+        measure = functools.partial(measure_step_memory, ctx.prep)  # compiled-step check
+    plans = make_plans(cfg, sites, u, step_profile, measure)
     written = [out / "plans" / f"{name}.json" for name in plans]
     for path, plan in zip(written, plans.values()):
         save_plan(plan, path)

@@ -325,13 +325,17 @@ def measure_whole_step(prep: Prepared):
 
 
 def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
-               step_profile=None) -> dict[str, Any]:
+               step_profile=None, measure: Callable[[str, Any], float | None] | None = None
+               ) -> dict[str, Any]:
     """The plan variants at the same trainable-parameter budget: the reference uniform LoRA, the
     widest uniform LoRA that fits (:func:`~layerlens_jax.app.sweep.widest_uniform`, the validated
     default) and the two allocated plans.
 
     With ``step_profile`` (:func:`measure_whole_step`) the ``vram_bytes`` / ``train_flops`` budgets
-    are of the whole train step, and every plan's ``use`` is its whole-step prediction."""
+    are of the whole train step, and every plan's ``use`` is its whole-step prediction. With
+    ``measure(variant, plan) -> bytes`` as well (:func:`measure_step_memory`), an allocated plan
+    under a ``vram_bytes`` budget is checked against its compiled step and re-allocated until it
+    fits (:func:`within_measured_memory`)."""
     from layerlens_jax._src.allocate import allocate
     from layerlens_jax._src.costs import Catalogue, CostModel
     from layerlens_jax._src.plan import Plan, uniform_assignments
@@ -371,9 +375,17 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
         whole = step_profile if set(budgets) & {"vram_bytes", "train_flops"} else None
         common = dict(gain_model=gain, utilisation=utilisation, peft_options=peft_options,
                       tie=tie, step_profile=whole, cost_model=cost_model)
-        plans["layerlens_lora"] = allocate(sites, u, budgets, catalogue=lora_only, **common)
-        plans["layerlens_mixed"] = allocate(sites, u, budgets, catalogue=mixed,
-                                            exclusive_nesting=a.exclusive_nesting, **common)
+        extra = {"layerlens_lora": dict(catalogue=lora_only),
+                 "layerlens_mixed": dict(catalogue=mixed, exclusive_nesting=a.exclusive_nesting)}
+        for name, kw in extra.items():
+            def allocate_at(vram, kw=kw):
+                limits = budgets if vram is None else {**budgets, "vram_bytes": vram}
+                return allocate(sites, u, limits, **kw, **common)
+            if measure is not None and whole is not None and "vram_bytes" in budgets:
+                plans[name] = within_measured_memory(
+                    allocate_at, budgets["vram_bytes"], lambda p, n=name: measure(n, p))
+            else:
+                plans[name] = allocate_at(None)
     for name, catalogue in (("layerlens_lora", lora_only), ("layerlens_mixed", mixed)):
         if all(x.method == "none" for x in plans[name].allocations):
             raise ValueError(_adapts_nothing(cfg, name, sites, catalogue, params_budget))
@@ -474,6 +486,49 @@ def evaluate_accuracy(model, arrays: dict[str, np.ndarray], batch_size: int) -> 
                            batch["example_mask"])
         hit, loss, n = hit + float(c), loss + float(l), n + float(w)
     return {"accuracy": hit / n, "loss": loss / n, "examples": int(n)}
+
+
+def measure_step_memory(prep: Prepared, variant: str, plan, seed: int | None = None
+                        ) -> float | None:
+    """XLA's compiled memory (bytes) of the train step ``train_variant`` would run for ``plan``
+    (one compile, no step run); None where the backend does not report it."""
+    from layerlens_jax._src.train import make_functional_train_step
+
+    cfg = prep.cfg
+    seed = cfg.run.seed if seed is None else seed
+    model, wrt = build_variant(prep, variant, plan, seed)
+    tx = optax.adamw(_schedule(cfg, _lr(cfg, variant)), weight_decay=cfg.train.weight_decay)
+    step, state = make_functional_train_step(model, tx, _mean_loss, wrt=wrt)
+    batch = next(_endless_batches(prep, seed, prefetch=1))
+    return _xla_bytes(step.jitted, state.trainable, state.opt_state, state.other, state.step,
+                      state.frozen, batch)
+
+
+def within_measured_memory(allocate_at: Callable[[float], Any], budget: float,
+                           measure: Callable[[Any], float | None], rounds: int = 4):
+    """The plan of ``allocate_at(effective VRAM budget)`` whose *compiled* step fits ``budget``.
+
+    The whole-step cost model predicts XLA's memory within about 10 % (README "Whole-step
+    budgets"), so a plan allocated at the budget itself can compile a few per cent over it. Each
+    round measures the plan's step (one compile) and, when it is over, lowers the effective budget
+    by the overshoot (plus 0.5 %) and allocates again. ``ValueError`` when ``rounds`` rounds do not
+    bring it under (naming the measured and the budgeted bytes). The plan's metadata records the
+    measured bytes and the rounds."""
+    effective, measured = budget, None
+    for k in range(rounds):
+        plan = allocate_at(effective)
+        measured = measure(plan)
+        if measured is None or measured <= budget:
+            meta = {**plan.metadata, "measured_step_bytes": measured, "vram_rounds": k + 1,
+                    "effective_vram_bytes": effective}
+            return dataclasses.replace(plan, metadata=meta,
+                                       budgets={**plan.budgets, "vram_bytes": budget})
+        effective -= (measured - budget) + 0.005 * budget
+        if effective <= 0:
+            break
+    raise ValueError(f"no plan found whose compiled train step fits vram_bytes = {budget:,.0f} "
+                     f"bytes in {rounds} rounds (last: {measured:,.0f} bytes at an effective "
+                     f"budget of {effective:,.0f}); raise budget.vram_bytes")
 
 
 def _xla_bytes(jitted, *args) -> float | None:
