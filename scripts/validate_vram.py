@@ -49,8 +49,11 @@ def _layer(path: str) -> int | None:
     return None if m is None else int(m.group(1))
 
 
-def uniform_top_candidates(sites, u, params_budget, memory_budget, profile, reference_options):
-    """Per target set, the uniform LoRA on layers k..L-1 (smallest k) that fits both budgets."""
+def uniform_top_candidates(sites, u, params_budget, memory_budget, profile, reference_options,
+                           measure):
+    """Per target set, the uniform LoRA on layers k..L-1 (smallest k) that fits both budgets: its
+    predicted whole-step memory first (cheap), then its compiled step (``measure``), as a careful
+    user would check before training."""
     cost_model = CostModel(batch_size=profile.batch_size, seq_len=profile.seq_len)
     layers = sorted({_layer(s.path) for s in sites if _layer(s.path) is not None})
     out = {}
@@ -65,7 +68,7 @@ def uniform_top_candidates(sites, u, params_budget, memory_budget, profile, refe
                 sites, uniform_assignments(top, "lora", rank, targets), u,
                 peft_options=reference_options, cost_model=cost_model,
                 metadata={"variant": f"uniform:{name}@{k}", "rank": rank}), sites, profile)
-            if plan.use["vram_bytes"] <= memory_budget:
+            if plan.use["vram_bytes"] <= memory_budget and measure(plan) <= memory_budget:
                 out[f"uniform:{name}@{k}"] = plan
                 break  # the lowest k that fits: the most layers
     return out
@@ -112,7 +115,9 @@ def main():
         allocate_at, memory_budget,
         lambda p: measure_step_memory(prep, "layerlens_lora", p))
     ref_opts = {"lora_alpha": cfg.budget.reference_alpha, "use_rslora": False}
-    plans.update(uniform_top_candidates(sites, u, params_budget, memory_budget, profile, ref_opts))
+    plans.update(uniform_top_candidates(
+        sites, u, params_budget, memory_budget, profile, ref_opts,
+        lambda p: measure_step_memory(prep, "uniform_lora", p)))
     store["budgets"] = {"params": params_budget, "vram_bytes": memory_budget,
                         "fraction": args.fraction}
     store["plans"] = {n: {"assignments": {k: list(v) for k, v in p.assignments().items()},
