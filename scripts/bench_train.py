@@ -6,7 +6,7 @@ Configuration (``configs/default.toml``): the MiniLM-L6 shape, batch 32 x 32 tok
 the job's schedule, the task head (pooler + classifier, 6 TREC-6 classes) trained in every variant.
 
 * ``uniform_lora``: LoRA r=8 (alpha 16) on query and value of the 6 layers (the budget reference);
-* ``layerlens_lora`` / ``layerlens_mixed``: :func:`layerlens_jax.app.pipeline.make_plans` on the
+* ``layerlens_lora`` / ``layerlens_mixed``: :func:`layerlens_jax.app.plans.make_plans` on the
   model's sites with a seeded random utility (throughput depends on the plan's shape, not on why
   it was chosen), at the uniform plan's parameter budget;
 * ``full``: every parameter trained (``train.full_learning_rate``);
@@ -65,6 +65,7 @@ from layerlens_jax._src.peft import PEFT_FILTER, apply_plan  # noqa: E402
 from layerlens_jax._src.sites import discover_sites  # noqa: E402
 from layerlens_jax._src.train import make_functional_train_step, matmul_flops  # noqa: E402
 from layerlens_jax.app import pipeline  # noqa: E402
+from layerlens_jax.app import plans as plans_module  # noqa: E402
 from layerlens_jax.app.config import load_config  # noqa: E402
 from layerlens_jax.app.rundir import head_filter  # noqa: E402
 from layerlens_jax.models import BertClassifier, BertConfig  # noqa: E402
@@ -93,12 +94,12 @@ def build_base(random_init: bool, seed: int = 0) -> BertClassifier:
 
 
 def build_plans(cfg, model, batch) -> dict:
-    """The job's three plans (pipeline.make_plans) on the model's sites, random utility."""
+    """The job's plans (plans.make_plans) on the model's sites, random utility."""
     example = (batch["input_ids"][:2], batch["attention_mask"][:2])
     sites = [s for s in discover_sites(model, example=example)
              if not pipeline._is_head(s.path, cfg.train.head)]
     u = np.random.default_rng(0).uniform(0.1, 1.0, len(sites))
-    return pipeline.make_plans(cfg, sites, u)
+    return plans_module.make_plans(cfg, sites, u)
 
 
 class Stepper:
@@ -255,7 +256,7 @@ def interleaved(runners: dict, repeats: int) -> dict[str, float]:
 
 def build_runners(args, cfg, batch) -> dict:
     base = build_base(args.random_init)
-    plans = build_plans(cfg, base, batch) if set(args.variants) & set(pipeline.PLAN_VARIANTS) \
+    plans = build_plans(cfg, base, batch) if set(args.variants) & set(plans_module.PLAN_VARIANTS) \
         else {}
     head = head_filter(cfg.train.head)
     example = (batch["input_ids"][:2], batch["attention_mask"][:2])

@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 
 from layerlens_jax.app.config import load_config
-from layerlens_jax.app.pipeline import make_plans, prepare, run_profile, train_variant, write_json
+from layerlens_jax.app.pipeline import prepare, run_profile, train_variant, write_json
+from layerlens_jax.app.plans import make_plans
 from layerlens_jax._src.plan import Plan, uniform_assignments
 from validate_task import MAX_LENGTH  # the same per-task sequence lengths as the validation
 LINEAR = ("query", "key", "value", "out", "intermediate", "output")

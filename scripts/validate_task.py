@@ -37,8 +37,9 @@ from flax import nnx
 from scipy import stats as sps
 
 from layerlens_jax.app.config import load_config
-from layerlens_jax.app.pipeline import (_mean_loss, evaluate_accuracy, make_plans, prepare,
-                                        run_profile, train_variant, write_json)
+from layerlens_jax.app.pipeline import (_mean_loss, evaluate_accuracy, prepare, run_profile,
+                                        train_variant, write_json)
+from layerlens_jax.app.plans import make_plans
 
 MAX_LENGTH = {"trec6": 32, "trec50": 32, "movie_sentiment": 48, "tweet_sentiment": 48}  # ~95-99th pct
 
@@ -135,7 +136,7 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
     from layerlens_jax._src.spectral import SpectralGain
     from layerlens_jax.app.sweep import uniform_candidates
 
-    plans = make_plans(bcfg, list(sites), u)  # uniform_lora, layerlens_lora, layerlens_mixed
+    plans = make_plans(bcfg, list(sites), u)  # uniform_lora / _widest, layerlens_lora / _mixed
     budget = plans["layerlens_lora"].budgets["params"]  # the reference budget times the scale
     ref_opts = {"lora_alpha": bcfg.budget.reference_alpha, "use_rslora": False}
     out = {}

@@ -35,9 +35,9 @@ from layerlens_jax._src.fileio import atomic_write_json
 from layerlens_jax._src.plan import Plan, uniform_assignments
 from layerlens_jax._src.step_cost import with_step_use
 from layerlens_jax.app.config import load_config
-from layerlens_jax.app.pipeline import (make_plans, measure_step_memory, measure_whole_step,
-                                        prepare, run_profile, train_variant,
-                                        within_measured_memory)
+from layerlens_jax.app.pipeline import prepare, run_profile, train_variant
+from layerlens_jax.app.plans import (make_plans, measure_step_memory, measure_whole_step,
+                                     within_measured_memory)
 from layerlens_jax.app.sweep import (TARGET_SETS, best_by_validation, paired_difference, run_key,
                                      uniform_candidates)
 

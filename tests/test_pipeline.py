@@ -227,7 +227,7 @@ def test_train_variant_uniform_lora_counts_adapter_and_head():
 def test_make_plans_follow_the_configured_gain_model():
     """A faster-saturating gain spreads the same budget over more sites; the uniform baseline and
     the budget do not depend on the gain model."""
-    from layerlens_jax.app.pipeline import make_plans
+    from layerlens_jax.app.plans import make_plans
     from layerlens_jax._src.sites import discover_sites
 
     model = BertClassifier(BertConfig.tiny(hidden_size=32, intermediate_size=64),
@@ -279,7 +279,7 @@ def test_whole_step_prediction_matches_the_trained_steps_memory():
     """With ``budget.whole_step`` every plan's ``use`` is its whole train step: within 15 % of the
     memory XLA compiles for the step ``train_variant`` runs; a whole-step VRAM budget below the
     uniform plan's prediction is honoured by the allocated plans (their prediction is under it)."""
-    from layerlens_jax.app.pipeline import make_plans, measure_whole_step
+    from layerlens_jax.app.plans import make_plans, measure_whole_step
 
     prep = _fake_prepared()
     model = prep.build_model(0)
@@ -301,7 +301,7 @@ def test_whole_step_prediction_matches_the_trained_steps_memory():
         assert capped[name].use["vram_bytes"] <= cap
         assert capped[name].metadata["step_cost"]["enumerated_depth"] is not None
     # with the compiled-step check, the plan's measured step memory is within the budget itself
-    from layerlens_jax.app.pipeline import measure_step_memory
+    from layerlens_jax.app.plans import measure_step_memory
 
     prep_capped = dataclasses.replace(prep, cfg=capped_cfg)
     checked = make_plans(capped_cfg, sites, u, profile,
@@ -316,7 +316,7 @@ def test_within_measured_memory_lowers_the_budget_until_the_compiled_step_fits()
     """A stand-in allocator and measurement: the measured step is 10 % over the effective budget
     the plan was allocated at, so rounds lower it until the measurement is under the budget."""
     from layerlens_jax._src.plan import Plan
-    from layerlens_jax.app.pipeline import within_measured_memory
+    from layerlens_jax.app.plans import within_measured_memory
 
     seen = []
 

@@ -115,7 +115,7 @@ def stage_profile(ctx: StageContext) -> StageOutcome:
 
 def _load_plans(ctx: StageContext):
     from layerlens_jax._src.plan import load_plan
-    from layerlens_jax.app.pipeline import PLAN_VARIANTS
+    from layerlens_jax.app.plans import PLAN_VARIANTS
     from layerlens_jax.app.rundir import StageInputError
 
     plans = {}
@@ -135,8 +135,8 @@ def stage_plan(ctx: StageContext) -> StageOutcome:
     from layerlens_jax._src.export import hf_bert_module_name, save_peft_config
     from layerlens_jax._src.plan import save_plan
     from layerlens_jax._src.plan_metrics import plan_metrics, render_metrics_markdown
-    from layerlens_jax.app.pipeline import (make_plans, measure_whole_step, read_json,
-                                            sites_from_json)
+    from layerlens_jax.app.pipeline import read_json, sites_from_json
+    from layerlens_jax.app.plans import make_plans, measure_whole_step
 
     cfg, out = ctx.cfg, ctx.out
     sites, u = sites_from_json(read_json(out / "stats.json", "profile"), out / "stats.json")
@@ -150,7 +150,7 @@ def stage_plan(ctx: StageContext) -> StageOutcome:
                 f" MiB by lowest adapted group ({time.perf_counter() - t0:.1f}s)")
     measure = None
     if step_profile is not None and math.isfinite(cfg.budget.vram_bytes):
-        from layerlens_jax.app.pipeline import measure_step_memory
+        from layerlens_jax.app.plans import measure_step_memory
 
         measure = functools.partial(measure_step_memory, ctx.prep)  # compiled-step check
     plans = make_plans(cfg, sites, u, step_profile, measure)

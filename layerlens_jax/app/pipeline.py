@@ -52,11 +52,9 @@ from layerlens_jax._src.sites import Site, discover_sites
 from layerlens_jax._src.utility import UtilityConfig, utility, utility_report
 
 __all__ = ["Prepared", "CurvePoint", "VariantResult", "prepare", "classification_loss",
-           "run_profile", "make_plans", "build_variant", "train_variant", "evaluate_accuracy",
-           "summarise", "comparison_markdown", "write_json", "read_json", "PLAN_VARIANTS",
+           "run_profile", "build_variant", "train_variant", "evaluate_accuracy",
+           "summarise", "comparison_markdown", "write_json", "read_json",
            "DivergenceError", "check_arrays", "check_stats_json"]
-
-PLAN_VARIANTS = ("uniform_lora", "uniform_widest", "layerlens_lora", "layerlens_mixed")
 
 
 # ----------------------------------------------------------------------------------- files
@@ -307,120 +305,6 @@ def sites_from_json(d: dict[str, Any], path: str | os.PathLike = "stats.json"
     return sites, u
 
 
-# ---------------------------------------------------------------------------------- plans
-
-
-def measure_whole_step(prep: Prepared):
-    """The :class:`~layerlens_jax.StepProfile` of the run's train step (a training batch of
-    ``data.batch_size``, the seed's model): what makes ``vram_bytes`` / ``train_flops`` budgets
-    and predictions mean the whole step."""
-    from layerlens_jax._src.step_cost import measure_step_profile
-
-    cfg = prep.cfg
-    n = min(cfg.data.batch_size, prep.sizes["train"])
-    batch = {k: jnp.asarray(v[:n]) for k, v in prep.arrays["train"].items()}
-    return measure_step_profile(
-        prep.build_model(cfg.run.seed), lambda m, b: classification_loss(m, b).mean(), batch,
-        example=(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
-
-
-def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
-               step_profile=None, measure: Callable[[str, Any], float | None] | None = None
-               ) -> dict[str, Any]:
-    """The plan variants at the same trainable-parameter budget: the reference uniform LoRA, the
-    widest uniform LoRA that fits (:func:`~layerlens_jax.app.sweep.widest_uniform`, the validated
-    default) and the two allocated plans.
-
-    With ``step_profile`` (:func:`measure_whole_step`) the ``vram_bytes`` / ``train_flops`` budgets
-    are of the whole train step, and every plan's ``use`` is its whole-step prediction. With
-    ``measure(variant, plan) -> bytes`` as well (:func:`measure_step_memory`), an allocated plan
-    under a ``vram_bytes`` budget is checked against its compiled step and re-allocated until it
-    fits (:func:`within_measured_memory`)."""
-    from layerlens_jax._src.allocate import allocate
-    from layerlens_jax._src.costs import Catalogue, CostModel
-    from layerlens_jax._src.plan import Plan, uniform_assignments
-    from layerlens_jax._src.step_cost import with_step_use
-    from layerlens_jax.app.sweep import widest_uniform
-
-    b, a = cfg.budget, cfg.allocate
-    peft_options = {"lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora}
-    reference_options = {"lora_alpha": b.reference_alpha, "use_rslora": False}
-    cost_model = None if step_profile is None else CostModel(  # per-site costs at its batch shape
-        batch_size=step_profile.batch_size, seq_len=step_profile.seq_len)
-    uniform = Plan.from_assignments(
-        sites, uniform_assignments(sites, "lora", b.reference_rank, b.reference_targets), u,
-        peft_options=reference_options, metadata={"variant": "uniform_lora"},
-        cost_model=cost_model)
-    params_budget = uniform.use["params"] * b.scale
-    budgets = {"params": params_budget}
-    for r in ("train_flops", "infer_flops", "vram_bytes", "latency"):
-        if math.isfinite(getattr(b, r)):
-            budgets[r] = getattr(b, r)
-    if b.scale != 1.0:  # the uniform baseline at a smaller budget: the same targets, rank scaled
-        rank = max(1, int(round(b.reference_rank * b.scale)))
-        uniform = Plan.from_assignments(
-            sites, uniform_assignments(sites, "lora", rank, b.reference_targets), u,
-            peft_options=reference_options, metadata={"variant": "uniform_lora"},
-            cost_model=cost_model)
-    utilisation = tuple(b.utilisation) if b.utilisation else None
-    lora_only = Catalogue.from_sizes(lora=a.lora_ranks)
-    mixed = Catalogue.from_sizes(lora=a.lora_ranks, adapter=a.adapter_sizes,
-                                 prefix=a.prefix_lengths)
-    plans = {"uniform_lora": uniform}
-    gain = a.gain_model()
-    with warnings.catch_warnings():  # an empty plan is reported below, as the job's own error
-        warnings.filterwarnings("ignore", message="allocate returned an empty plan")
-        tie = a.tie or None
-        # the depth term only matters to whole-step budgets; otherwise predict after allocating
-        whole = step_profile if set(budgets) & {"vram_bytes", "train_flops"} else None
-        common = dict(gain_model=gain, utilisation=utilisation, peft_options=peft_options,
-                      tie=tie, step_profile=whole, cost_model=cost_model)
-        extra = {"layerlens_lora": dict(catalogue=lora_only),
-                 "layerlens_mixed": dict(catalogue=mixed, exclusive_nesting=a.exclusive_nesting)}
-        for name, kw in extra.items():
-            def allocate_at(vram, kw=kw):
-                limits = budgets if vram is None else {**budgets, "vram_bytes": vram}
-                return allocate(sites, u, limits, **kw, **common)
-            if measure is not None and whole is not None and "vram_bytes" in budgets:
-                plans[name] = within_measured_memory(
-                    allocate_at, budgets["vram_bytes"], lambda p, n=name: measure(n, p))
-            else:
-                plans[name] = allocate_at(None)
-    for name, catalogue in (("layerlens_lora", lora_only), ("layerlens_mixed", mixed)):
-        if all(x.method == "none" for x in plans[name].allocations):
-            raise ValueError(_adapts_nothing(cfg, name, sites, catalogue, params_budget))
-    widest = widest_uniform(sites, params_budget)
-    if widest is None:
-        raise ValueError(f"plan uniform_widest adapts no site: no uniform LoRA target set fits "
-                         f"the parameter budget {params_budget:,.6g}; raise budget.scale")
-    name, targets, rank, _ = widest
-    plans = {"uniform_lora": uniform, "uniform_widest": Plan.from_assignments(
-        sites, uniform_assignments(sites, "lora", rank, targets), u,
-        peft_options=reference_options, cost_model=cost_model,
-        metadata={"variant": "uniform_widest", "targets": name, "rank": rank}),
-        **{k: v for k, v in plans.items() if k != "uniform_lora"}}
-    if step_profile is not None:  # every plan's use is its whole-step prediction
-        plans = {name: plan if "step_cost" in plan.metadata
-                 else with_step_use(plan, sites, step_profile) for name, plan in plans.items()}
-    return plans
-
-
-def _adapts_nothing(cfg: RunConfig, name: str, sites: list[Site], catalogue,
-                    params_budget: float) -> str:
-    """The error of a plan that adapts no site: the budget and the cheapest option's cost."""
-    from layerlens_jax._src.costs import option_costs, option_mask
-
-    options = [o for o in catalogue.options() if o[0] != "none"]
-    mask = option_mask(sites, options, catalogue)
-    params = np.where(mask, option_costs(sites, options, mask=mask)[..., 0], np.inf)
-    i, j = np.unravel_index(int(np.argmin(params)), params.shape)
-    method, size = options[j]
-    return (f"plan {name} adapts no site: its parameter budget is {params_budget:,.6g} "
-            f"(budget.scale = {cfg.budget.scale} x uniform LoRA rank {cfg.budget.reference_rank})"
-            f", but the cheapest option, {method} {size} on {sites[i].path}, costs "
-            f"{params[i, j]:,.0f} parameters; raise budget.scale")
-
-
 # -------------------------------------------------------------------------------- training
 
 
@@ -486,49 +370,6 @@ def evaluate_accuracy(model, arrays: dict[str, np.ndarray], batch_size: int) -> 
                            batch["example_mask"])
         hit, loss, n = hit + float(c), loss + float(l), n + float(w)
     return {"accuracy": hit / n, "loss": loss / n, "examples": int(n)}
-
-
-def measure_step_memory(prep: Prepared, variant: str, plan, seed: int | None = None
-                        ) -> float | None:
-    """XLA's compiled memory (bytes) of the train step ``train_variant`` would run for ``plan``
-    (one compile, no step run); None where the backend does not report it."""
-    from layerlens_jax._src.train import make_functional_train_step
-
-    cfg = prep.cfg
-    seed = cfg.run.seed if seed is None else seed
-    model, wrt = build_variant(prep, variant, plan, seed)
-    tx = optax.adamw(_schedule(cfg, _lr(cfg, variant)), weight_decay=cfg.train.weight_decay)
-    step, state = make_functional_train_step(model, tx, _mean_loss, wrt=wrt)
-    batch = next(_endless_batches(prep, seed, prefetch=1))
-    return _xla_bytes(step.jitted, state.trainable, state.opt_state, state.other, state.step,
-                      state.frozen, batch)
-
-
-def within_measured_memory(allocate_at: Callable[[float], Any], budget: float,
-                           measure: Callable[[Any], float | None], rounds: int = 4):
-    """The plan of ``allocate_at(effective VRAM budget)`` whose *compiled* step fits ``budget``.
-
-    The whole-step cost model predicts XLA's memory within about 10 % (README "Whole-step
-    budgets"), so a plan allocated at the budget itself can compile a few per cent over it. Each
-    round measures the plan's step (one compile) and, when it is over, lowers the effective budget
-    by the overshoot (plus 0.5 %) and allocates again. ``ValueError`` when ``rounds`` rounds do not
-    bring it under (naming the measured and the budgeted bytes). The plan's metadata records the
-    measured bytes and the rounds."""
-    effective, measured = budget, None
-    for k in range(rounds):
-        plan = allocate_at(effective)
-        measured = measure(plan)
-        if measured is None or measured <= budget:
-            meta = {**plan.metadata, "measured_step_bytes": measured, "vram_rounds": k + 1,
-                    "effective_vram_bytes": effective}
-            return dataclasses.replace(plan, metadata=meta,
-                                       budgets={**plan.budgets, "vram_bytes": budget})
-        effective -= (measured - budget) + 0.005 * budget
-        if effective <= 0:
-            break
-    raise ValueError(f"no plan found whose compiled train step fits vram_bytes = {budget:,.0f} "
-                     f"bytes in {rounds} rounds (last: {measured:,.0f} bytes at an effective "
-                     f"budget of {effective:,.0f}); raise budget.vram_bytes")
 
 
 def _xla_bytes(jitted, *args) -> float | None:
