@@ -95,7 +95,7 @@ def tie_problem(problem: Problem, labels: np.ndarray) -> Problem:
     n = int(labels.max()) + 1 if labels.size else 0
     onehot = np.zeros((n, len(labels)))
     onehot[labels, np.arange(len(labels))] = 1.0
-    firsts = np.array([int(np.flatnonzero(labels == g)[0]) for g in range(n)], np.int64)
+    firsts = np.unique(labels, return_index=True)[1]  # each group's first member
     allowed = np.ones((n, problem.mask.shape[1]), bool)
     np.logical_and.at(allowed, labels, np.asarray(problem.mask, bool))
     tied = dataclasses.replace(
