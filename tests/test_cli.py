@@ -34,8 +34,8 @@ def test_config_path_is_a_directory(tmp_path, capsys):
 def test_infinite_budget_is_still_allowed():
     from layerlens_jax.app.config import config_from_dict
 
-    assert config_from_dict({"budget": {"latency": "inf", "vram_bytes": 1e9}}).budget.latency \
-        == float("inf")
+    assert config_from_dict({"budget": {"latency": "inf", "vram_bytes": 1e9},
+                             "compare": {"main": "layerlens_lora"}}).budget.latency == float("inf")
 
 
 def test_debug_shows_the_traceback(tmp_path):

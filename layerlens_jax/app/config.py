@@ -313,6 +313,13 @@ def _cross_checks(cfg: RunConfig) -> None:
         raise ConfigError("allocate.tie cannot be combined with a whole-step vram_bytes / "
                           "train_flops budget yet; set budget.whole_step = false or allocate.tie "
                           "= \"\"")
+    if cfg.compare.main in ("uniform_lora", "uniform_widest") and any(
+            math.isfinite(getattr(cfg.budget, r))
+            for r in ("vram_bytes", "train_flops", "infer_flops", "latency")):
+        raise ConfigError(f"compare.main = {cfg.compare.main!r} is a uniform plan, sized by the "
+                          f"parameter budget only; with a vram_bytes / train_flops / infer_flops / "
+                          f"latency budget set compare.main = \"layerlens_lora\" (or "
+                          f"\"layerlens_mixed\"), the plans allocated under every budget")
     if cfg.allocate.tie not in ("", "layers"):
         raise ConfigError(f"allocate.tie must be \"\" or \"layers\", got {cfg.allocate.tie!r}")
     if cfg.utility.fisher_weight + cfg.utility.grad_weight <= 0:
