@@ -372,6 +372,23 @@ def evaluate_accuracy(model, arrays: dict[str, np.ndarray], batch_size: int) -> 
     return {"accuracy": hit / n, "loss": loss / n, "examples": int(n)}
 
 
+def variant_step(prep: Prepared, variant: str, model, wrt, make_step=None):
+    """``(step, state)`` of the run's train step for ``variant`` (AdamW on its learning-rate
+    schedule; ``make_step`` as in :func:`train_variant`)."""
+    from layerlens_jax._src.train import make_functional_train_step
+
+    cfg = prep.cfg
+    tx = optax.adamw(_schedule(cfg, _lr(cfg, variant)), weight_decay=cfg.train.weight_decay)
+    make_step = make_step or (lambda m, t, f, w: make_functional_train_step(m, t, f, wrt=w))
+    return make_step(model, tx, _mean_loss, wrt)
+
+
+def step_memory(step, state, batch) -> float | None:
+    """XLA's compiled memory (bytes) of ``step`` (from :func:`variant_step`) on ``batch``."""
+    return _xla_bytes(step.jitted, state.trainable, state.opt_state, state.other, state.step,
+                      state.frozen, batch)
+
+
 def _xla_bytes(jitted, *args) -> float | None:
     try:
         m = jitted.lower(*args).compile().memory_analysis()
@@ -455,14 +472,12 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
     ``adapt`` as in :func:`build_variant`; ``make_step(model, tx, loss_fn, wrt) -> (step, state)``,
     when given, replaces :func:`~layerlens_jax.make_functional_train_step` (AdaLoRA's step)."""
     from layerlens_jax.app.data import num_batches
-    from layerlens_jax._src.train import make_functional_train_step, write_back
+    from layerlens_jax._src.train import write_back
 
     cfg = prep.cfg
     model, wrt = build_variant(prep, variant, plan, seed, adapt)
     trainable = count_params(model, wrt)
-    tx = optax.adamw(_schedule(cfg, _lr(cfg, variant)), weight_decay=cfg.train.weight_decay)
-    make_step = make_step or (lambda m, t, f, w: make_functional_train_step(m, t, f, wrt=w))
-    step, state = make_step(model, tx, _mean_loss, wrt)
+    step, state = variant_step(prep, variant, model, wrt, make_step)
     per_epoch = num_batches(prep.sizes["train"], cfg.data.batch_size, drop_remainder=True)
     state, curve, seconds, memory = _run_steps(prep, variant, seed, model, step, state,
                                                progress=progress)
@@ -488,8 +503,7 @@ def _run_steps(prep: Prepared, variant: str, seed: int, model, step, state, *, p
     steps, every = cfg.train.steps, cfg.train.eval_every
     batches = _endless_batches(prep, seed, prefetch=1)
     batch = next(batches)
-    memory = _xla_bytes(step.jitted, state.trainable, state.opt_state, state.other, state.step,
-                        state.frozen, batch)
+    memory = step_memory(step, state, batch)
     bar = _progress_bar(progress, steps, f"train {variant} seed {seed}")
     curve, window = [], collections.deque(maxlen=every)  # the last `every` steps' losses
     eval_seconds = 0.0

@@ -17,12 +17,11 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from layerlens_jax._src.sites import Site
 from layerlens_jax.app.config import RunConfig
-from layerlens_jax.app.pipeline import (Prepared, _endless_batches, _lr, _mean_loss, _schedule,
-                                        _xla_bytes, build_variant, classification_loss)
+from layerlens_jax.app.pipeline import (Prepared, _endless_batches, build_variant,
+                                        classification_loss, step_memory, variant_step)
 
 __all__ = ["PLAN_VARIANTS", "make_plans", "measure_whole_step", "measure_step_memory",
            "within_measured_memory"]
@@ -68,10 +67,14 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
     reference_options = {"lora_alpha": b.reference_alpha, "use_rslora": False}
     cost_model = None if step_profile is None else CostModel(  # per-site costs at its batch shape
         batch_size=step_profile.batch_size, seq_len=step_profile.seq_len)
-    uniform = Plan.from_assignments(
-        sites, uniform_assignments(sites, "lora", b.reference_rank, b.reference_targets), u,
-        peft_options=reference_options, metadata={"variant": "uniform_lora"},
-        cost_model=cost_model)
+
+    def uniform_plan(target_names, lora_rank, **metadata):  # standard LoRA (baselines' scaling)
+        return Plan.from_assignments(sites, uniform_assignments(sites, "lora", lora_rank,
+                                                                target_names), u,
+                                     peft_options=reference_options, metadata=metadata,
+                                     cost_model=cost_model)
+
+    uniform = uniform_plan(b.reference_targets, b.reference_rank, variant="uniform_lora")
     params_budget = uniform.use["params"] * b.scale
     budgets = {"params": params_budget}
     for r in ("train_flops", "infer_flops", "vram_bytes", "latency"):
@@ -79,10 +82,7 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
             budgets[r] = getattr(b, r)
     if b.scale != 1.0:  # the uniform baseline at a smaller budget: the same targets, rank scaled
         rank = max(1, int(round(b.reference_rank * b.scale)))
-        uniform = Plan.from_assignments(
-            sites, uniform_assignments(sites, "lora", rank, b.reference_targets), u,
-            peft_options=reference_options, metadata={"variant": "uniform_lora"},
-            cost_model=cost_model)
+        uniform = uniform_plan(b.reference_targets, rank, variant="uniform_lora")
     utilisation = tuple(b.utilisation) if b.utilisation else None
     lora_only = Catalogue.from_sizes(lora=a.lora_ranks)
     mixed = Catalogue.from_sizes(lora=a.lora_ranks, adapter=a.adapter_sizes,
@@ -115,11 +115,10 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
         raise ValueError(f"plan uniform_widest adapts no site: no uniform LoRA target set fits "
                          f"the parameter budget {params_budget:,.6g}; raise budget.scale")
     name, targets, rank, _ = widest
-    plans = {"uniform_lora": uniform, "uniform_widest": Plan.from_assignments(
-        sites, uniform_assignments(sites, "lora", rank, targets), u,
-        peft_options=reference_options, cost_model=cost_model,
-        metadata={"variant": "uniform_widest", "targets": name, "rank": rank}),
-        **{k: v for k, v in plans.items() if k != "uniform_lora"}}
+    plans = {"uniform_lora": uniform,
+             "uniform_widest": uniform_plan(targets, rank, variant="uniform_widest",
+                                            targets=name, rank=rank),
+             **{k: v for k, v in plans.items() if k != "uniform_lora"}}
     if step_profile is not None:  # every plan's use is its whole-step prediction
         plans = {name: plan if "step_cost" in plan.metadata
                  else with_step_use(plan, sites, step_profile) for name, plan in plans.items()}
@@ -146,16 +145,10 @@ def measure_step_memory(prep: Prepared, variant: str, plan, seed: int | None = N
                         ) -> float | None:
     """XLA's compiled memory (bytes) of the train step ``train_variant`` would run for ``plan``
     (one compile, no step run); None where the backend does not report it."""
-    from layerlens_jax._src.train import make_functional_train_step
-
-    cfg = prep.cfg
-    seed = cfg.run.seed if seed is None else seed
+    seed = prep.cfg.run.seed if seed is None else seed
     model, wrt = build_variant(prep, variant, plan, seed)
-    tx = optax.adamw(_schedule(cfg, _lr(cfg, variant)), weight_decay=cfg.train.weight_decay)
-    step, state = make_functional_train_step(model, tx, _mean_loss, wrt=wrt)
-    batch = next(_endless_batches(prep, seed, prefetch=1))
-    return _xla_bytes(step.jitted, state.trainable, state.opt_state, state.other, state.step,
-                      state.frozen, batch)
+    step, state = variant_step(prep, variant, model, wrt)
+    return step_memory(step, state, next(_endless_batches(prep, seed, prefetch=1)))
 
 
 def within_measured_memory(allocate_at: Callable[[float], Any], budget: float,
