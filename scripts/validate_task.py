@@ -122,7 +122,7 @@ def predictive_validity(prep, stats, u, steps: int, lr: float) -> dict:
 
 PLAN_VARIANTS = ("layerlens_lora", "layerlens_mixed", "spectral_frobenius", "spectral_nuclear",
                  "spectral_breadth", "tied_lora", "tied_spectral", "probe_lora", "probe_tied",
-                 "eva", "eva_rho2", "adalora")
+                 "fill_lora", "fill_tied", "eva", "eva_rho2", "adalora")
 DEFAULT_VARIANTS = ("uniform:qv", "uniform:qkvo", "uniform:ffn", "uniform:all") + PLAN_VARIANTS + (
     "head_only", "full")
 
@@ -134,7 +134,7 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
     from layerlens_jax._src.costs import Catalogue
     from layerlens_jax._src.plan import Plan, uniform_assignments
     from layerlens_jax._src.spectral import SpectralGain
-    from layerlens_jax.app.sweep import uniform_candidates
+    from layerlens_jax.app.sweep import uniform_candidates, widest_floor
 
     plans = make_plans(bcfg, list(sites), u)  # uniform_lora / _widest, layerlens_lora / _mixed
     budget = plans["layerlens_lora"].budgets["params"]  # the reference budget times the scale
@@ -164,6 +164,19 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
                                                "use_rslora": a.use_rslora}, tie=tie)
             out[name] = dataclasses.replace(out[name], metadata={
                 **out[name].metadata, "allocate_seconds": time.perf_counter() - t0})
+    floor = widest_floor(sites, budget)
+    for name, tie in (("fill_lora", None), ("fill_tied", "layers")):
+        # the widest uniform set at rank 1 is mandatory; utility spends the rest of the budget.
+        # Standard LoRA scaling (the baselines'), so an empty fill is exactly uniform_widest's r1.
+        if name in variants and floor:
+            t0 = time.perf_counter()
+            out[name] = allocate(sites, u, {"params": budget},
+                                 catalogue=Catalogue.from_sizes(lora=a.lora_ranks),
+                                 gain_model=a.gain_model(), min_size=floor,
+                                 peft_options=ref_opts, tie=tie)
+            out[name] = dataclasses.replace(out[name], metadata={
+                **out[name].metadata, "allocate_seconds": time.perf_counter() - t0,
+                "floor": sorted(floor)})
     for name, tie in (("probe_lora", None), ("probe_tied", "layers")):
         if name in variants and probe is not None:
             t0 = time.perf_counter()

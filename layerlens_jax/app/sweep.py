@@ -31,7 +31,7 @@ from scipy import stats as sps
 from layerlens_jax._src.costs import trainable_params
 from layerlens_jax._src.sites import Site
 
-__all__ = ["TARGET_SETS", "uniform_candidates", "widest_uniform", "run_key", "best_by_validation",
+__all__ = ["TARGET_SETS", "uniform_candidates", "widest_uniform", "widest_floor", "run_key", "best_by_validation",
            "PairedDifference", "paired_difference"]
 
 #: LoRA target sets of the uniform baselines, by the last component of a site's path.
@@ -90,6 +90,18 @@ def widest_uniform(sites: Sequence[Site], budget_params: float,
         if best is None or (width, params) > best[0]:
             best = ((width, params), (name, targets, rank, params))
     return None if best is None else best[1]
+
+
+def widest_floor(sites: Sequence[Site], budget_params: float,
+                 target_sets: Mapping[str, Sequence[str]] = TARGET_SETS) -> dict[str, int]:
+    """``{path: 1}`` for the sites of :func:`widest_uniform`'s target set: the ``min_size`` that
+    makes an allocation start from "LoRA rank 1 on the widest set that fits" and spend only the
+    rest of the budget by utility (``{}`` when no set fits)."""
+    widest = widest_uniform(sites, budget_params, target_sets)
+    if widest is None:
+        return {}
+    targets = widest[1]
+    return {s.path: 1 for s in sites if s.kind == "linear" and s.path.rsplit("/", 1)[-1] in targets}
 
 
 def run_key(settings: Mapping[str, Any]) -> str:
