@@ -7,12 +7,13 @@ whole-step VRAM budget), prints one table:
 
 * ``mem``: the predicted whole train step (:mod:`layerlens_jax._src.step_cost`: the fixed part of
   the lowest adapted depth group + per-site ``vram_bytes``) against XLA's compiled memory analysis
-  of the plan's jit train step (AdamW, ``temp + arguments + outputs - aliased``); also the old
-  per-site-only prediction (``site``), which leaves the depth term out;
+  of the plan's jit train step (AdamW, ``temp + arguments + outputs - aliased``); ``f=1``: the
+  ratio when every LoRA is charged its whole input (``rank1_input_fraction = 1``, not measured);
 * ``flops``: the predicted training FLOPs per token against the matmul count of the train step's
   jaxpr (``2*M*N*K`` per ``dot_general``, from the shapes);
-* ``lat``: the predicted unmerged inference latency (base forward FLOPs / throughput + per-site
-  latency, coefficients from :func:`~layerlens_jax.calibrate_latency` on this device) against the
+* ``lat``: the predicted unmerged inference latency (the base forward timed once by the step
+  profile + per-site latency, coefficients from :func:`~layerlens_jax.calibrate_latency` on this
+  device) against the
   fastest of several jit-compiled forward passes (the least disturbed on a shared machine).
 
 Reproduce (from the repository root; ~2 minutes on 2 CPU cores)::
@@ -24,6 +25,7 @@ Reproduce (from the repository root; ~2 minutes on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -33,7 +35,7 @@ import optax
 from flax import nnx
 
 import layerlens_jax as ll
-from layerlens_jax._src.costs import (RESOURCES, Catalogue, CostModel, option_costs,
+from layerlens_jax._src.costs import (Catalogue, option_costs,
                                       trainable_params)
 from layerlens_jax._src.step_cost import (compiled_step_bytes, matmul_flops,
                                           measure_step_profile, plan_step_cost)
@@ -60,7 +62,10 @@ def plan_suite(sites, profile, cm, num_layers):
     by_path = {s.path: s for s in sites}
     params = sum(trainable_params(by_path[p], m, r) for p, (m, r) in uniform.items())
     lora = Catalogue.from_sizes(lora=(1, 2, 4, 8, 16))
-    suite = [("uniform_qv_r8", uniform)]
+    linear = [s.path for s in sites if s.kind == "linear" and "/layers_" in s.path]
+    suite = [("uniform_qv_r8", uniform),
+             ("all_linear_r1", {p: ("lora", 1) for p in linear}),  # the default (widest) plan
+             ("ffn_r3", {p: ("lora", 3) for p in linear if "/mlp/" in p})]
     for k in sorted({1, max(1, num_layers // 2)}):
         suite.append((f"top{k}_qv_r8", _qv(range(num_layers - k, num_layers))))
     for scale in (0.5, 1.0, 2.0):
@@ -83,7 +88,6 @@ def step_prediction(profile, sites, assignments, cm):
                      for i, s in enumerate(sites)])
     adapted = np.array([s.path in assignments for s in sites])
     whole = plan_step_cost(profile, sites, rows, adapted)
-    whole["site_vram_bytes"] = float(rows[:, RESOURCES.index("vram_bytes")].sum())
     return whole
 
 
@@ -117,30 +121,32 @@ def bench_model(name, cfg, B, T, cm_lat):
           f"{time.perf_counter() - t0:.1f} s: "
           + ", ".join(f"{g} {m / 2**20:.1f} MiB" for g, m in zip(profile.groups, profile.vram_bytes)))
     sites = ll.discover_sites(model, example=example)
-    cm = CostModel(batch_size=B, seq_len=T)
-    lat_cm = CostModel(batch_size=B, seq_len=T, merge_lora=False,
-                       latency_overhead_ms=cm_lat.latency_overhead_ms,
-                       flops_per_ms=cm_lat.flops_per_ms)
+    cm = profile.cost_model()  # the batch shape and the measured LoRA input fraction
+    print(f"# {name}: measured rank1_input_fraction {profile.rank1_input_fraction:.3f}")
+    lat_cm = dataclasses.replace(cm, merge_lora=False,
+                                 latency_overhead_ms=cm_lat.latency_overhead_ms,
+                                 flops_per_ms=cm_lat.flops_per_ms)
     rows = []
     for plan_name, assignments in plan_suite(sites, profile, cm, cfg.num_layers):
         pred = step_prediction(profile, sites, assignments, cm)
+        per_copy = step_prediction(profile, sites, assignments,  # each LoRA keeps its input
+                                   dataclasses.replace(cm, rank1_input_fraction=1.0))
         lat = step_prediction(profile, sites, assignments, lat_cm)["latency"]
-        lat += B * T * profile.forward_flops / lat_cm.flops_per_ms
         mem, flops, seconds = measure(model, assignments, batch)
         rows.append((name, plan_name, len(assignments), pred["vram_bytes"], mem,
-                     pred["site_vram_bytes"], pred["train_flops"], flops / (B * T), lat,
+                     per_copy["vram_bytes"], pred["train_flops"], flops / (B * T), lat,
                      seconds * 1e3))
     return rows
 
 
 def print_table(rows):
     print(f"{'model':6} {'plan':16} {'sites':>5} | {'mem pred':>9} {'XLA':>9} {'ratio':>6} "
-          f"{'site':>7} | {'flops pred':>10} {'count':>10} {'ratio':>6} | {'lat pred':>8} "
+          f"{'f=1':>6} | {'flops pred':>10} {'count':>10} {'ratio':>6} | {'lat pred':>8} "
           f"{'meas':>8} {'ratio':>6}")
     print("-" * 120)
     for (model, plan, n, mp, mm, ms, fp, fm, lp, lm) in rows:
         print(f"{model:6} {plan:16} {n:5d} | {mp / 2**20:8.2f}M {mm / 2**20:8.2f}M {mp / mm:6.3f} "
-              f"{ms / 2**20:6.2f}M | {fp:10.4g} {fm:10.4g} {fp / fm:6.3f} | {lp:7.3f}m "
+              f"{ms / mm:6.3f} | {fp:10.4g} {fm:10.4g} {fp / fm:6.3f} | {lp:7.3f}m "
               f"{lm:7.3f}m {lp / lm:6.3f}")
     for k, what, tol in ((3, "memory", 0.10), (6, "flops", 0.05), (8, "latency", 0.15)):
         ratios = np.array([r[k] / r[k + 1] for r in rows])

@@ -71,14 +71,16 @@ def test_matmul_flops_counts_a_known_product():
     assert matmul_flops(f) == 2 * 5 * 7 * 3 + 2 * 5 * 3 * 7
 
 
-@pytest.mark.parametrize("name", ["uniform", "top1", "mixed", "cls_only"])
+@pytest.mark.parametrize("name", ["uniform", "top1", "mixed", "cls_only", "all_r1"])
 def test_step_memory_and_flops_match_xla(setup, name):
     model, batch, profile, sites = setup
     qv = lambda layers: {f"encoder/layers_{i}/attention/mha/{p}": ("lora", 8)  # noqa: E731
                          for i in layers for p in ("query", "value")}
+    linear = [s.path for s in sites if s.kind == "linear" and "/layers_" in s.path]
     assignments = {"uniform": qv([0, 1]), "top1": qv([1]), "mixed": MIXED,
-                   "cls_only": {"classifier": ("lora", 2)}}[name]
-    pred = _predicted(profile, sites, assignments, CostModel(batch_size=B, seq_len=T))
+                   "cls_only": {"classifier": ("lora", 2)},
+                   "all_r1": {p: ("lora", 1) for p in linear}}[name]  # the widest plan
+    pred = _predicted(profile, sites, assignments, profile.cost_model())
     mem, flops = _measured(model, batch, assignments)
     assert pred["vram_bytes"] == pytest.approx(mem, rel=0.10)
     assert pred["train_flops"] == pytest.approx(flops, rel=0.20)
@@ -86,7 +88,7 @@ def test_step_memory_and_flops_match_xla(setup, name):
 
 def test_vram_budget_holds_when_compiled(setup):
     model, batch, profile, sites = setup
-    cm = CostModel(batch_size=B, seq_len=T)
+    cm = profile.cost_model()
     u = np.random.default_rng(1).uniform(0.2, 1.0, len(sites))
     lora = Catalogue.from_sizes(lora=(1, 2, 4, 8))
     full = _predicted(profile, sites, {s.path: ("lora", 8) for s in sites
@@ -148,3 +150,28 @@ def test_depth_enumeration_matches_milp_and_brute_force(seed):
     assert fast.dual_bound >= truth - 1e-9
     for plan in (fast, exact):
         assert plan.use["vram_bytes"] <= budget
+
+
+def test_rank1_input_fraction_is_measured_and_used(setup):
+    """The measured rank-1 fraction reproduces XLA's step memory on the plan it is calibrated on
+    (LoRA r1 on every LoRA-able non-embedding site); a fraction clipped to 0 / 1 means XLA is below
+    / above the whole range; allocate's plans are priced with it."""
+    model, batch, profile, sites = setup
+    f = profile.rank1_input_fraction
+    every = {s.path: ("lora", 1) for s in sites if s.kind == "linear"}
+    measured = _measured(model, batch, every)[0]
+    pred = _predicted(profile, sites, every, profile.cost_model())["vram_bytes"]
+    if 0.0 < f < 1.0:
+        assert pred == pytest.approx(measured, rel=1e-6)
+    else:
+        assert (measured < pred) if f == 0.0 else (measured > pred)
+    u = np.random.default_rng(2).uniform(0.2, 1.0, len(sites))
+    plan = ll.allocate(sites, u, {"vram_bytes": 1.05 * pred}, step_profile=profile,
+                       catalogue=Catalogue.from_sizes(lora=(1, 2)))
+    assert plan.use["vram_bytes"] == pytest.approx(
+        _predicted(profile, sites, plan.assignments(), profile.cost_model())["vram_bytes"])
+    # the base forward is timed once: the fixed part of latency at every depth
+    assert profile.forward_ms > 0 and np.all(profile.fixed("latency") == profile.forward_ms)
+    assert plan.use["latency"] >= profile.forward_ms
+    with pytest.raises(ValueError, match="rank1_input_fraction"):
+        CostModel(rank1_input_fraction=1.5)

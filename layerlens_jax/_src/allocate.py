@@ -133,8 +133,8 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
         raise ValueError("allocate: tie (or stacked layers, always tied) and step_profile cannot "
                          "be combined: the lowest adapted depth of a tied group spans layers")
     t0 = time.perf_counter()
-    if step_profile is not None and cost_model is None:  # the batch shape the profile holds for
-        cost_model = CostModel(batch_size=step_profile.batch_size, seq_len=step_profile.seq_len)
+    if step_profile is not None:  # its batch shape (default) and measured LoRA input fraction
+        cost_model = step_profile.cost_model(cost_model)
     problem = build_problem(sites, utility, budgets, catalogue=catalogue, cost_model=cost_model,
                             gain_model=gain_model, pinned=pinned, min_size=min_size,
                             max_size=max_size, utilisation=utilisation)

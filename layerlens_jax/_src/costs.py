@@ -63,7 +63,8 @@ Training memory (bytes)
 gradients), ``k`` the optimizer's state slots per parameter (:data:`OPTIMIZER_STATE_SLOTS`:
 sgd 0, momentum 1, adam/adamw 2, ...), ``s`` the optimizer-state dtype size, ``e`` the activation
 dtype size and ``a`` the elements saved for backward per position: LoRA ``c_in + r`` (its input and
-x·A; ``c_in`` = input channels, ``d_in`` except for conv, ``r`` only for embedding, plus
+x·A; ``c_in`` = input channels, ``d_in`` except for conv, at rank 1 times
+``CostModel.rank1_input_fraction``; ``r`` only for embedding, plus
 ``(width + r) * n_a / n`` for a tied embedding's attend use), adapter
 ``d + 2*b`` (input, pre- and post-activation), prefix ``p*H`` (attention probabilities on the extra
 keys). The frozen base model's own memory is not counted: costs are increments. The whole step
@@ -242,6 +243,11 @@ class CostModel:
     prefix_projection: int = 0
     latency_overhead_ms: float = 0.005  # per extra kernel launch
     flops_per_ms: float = 1.0e10  # effective throughput (10 TFLOP/s)
+    # the part of a rank-1 LoRA site's input (``c_in`` per position) its training step adds to
+    # memory; 1: the adapter keeps its own copy (as at ranks >= 2). XLA turns rank-1 products
+    # into vector operations on the input the frozen step keeps anyway, so a step profile
+    # measures it (``StepProfile.rank1_input_fraction``)
+    rank1_input_fraction: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
@@ -262,6 +268,9 @@ class CostModel:
             v = getattr(self, what)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"CostModel.{what} must be a finite number >= 0, got {v!r}")
+        f = self.rank1_input_fraction
+        if not (isinstance(f, (int, float)) and 0.0 <= f <= 1.0):
+            raise ValueError(f"CostModel.rank1_input_fraction must be a number in [0, 1], got {f!r}")
         if self.flops_per_ms <= 0:
             raise ValueError(f"CostModel.flops_per_ms must be > 0, got {self.flops_per_ms!r}")
 
@@ -481,7 +490,9 @@ def option_costs(sites: Sequence[Site], options: Sequence[tuple[str, int]],
     sdt = _dtype_size(cm.optimizer_state_dtype or cm.param_dtype, "optimizer_state_dtype")
     e = _dtype_size(cm.activation_dtype, "activation_dtype")
     slots = OPTIMIZER_STATE_SLOTS[cm.optimizer]
-    act = np.where(is_lora, np.where(emb, k + (d_out + k) * attend / n, c_in + k), 0.0)
+    act = np.where(is_lora, np.where(emb, k + (d_out + k) * attend / n,
+                                     np.where(k == 1, cm.rank1_input_fraction, 1.0) * c_in + k),
+                   0.0)
     act = np.where(is_adapter, d_out + 2 * k, act)
     act = np.where(is_prefix, k * heads, act)
     vram = params * (2 * w + slots * sdt) + cm.batch_size * n * act * e

@@ -89,9 +89,10 @@ class BudgetSection:
     vram_bytes: float = math.inf
     latency: float = math.inf
     utilisation: tuple[float, ...] = ()  # e.g. [0.80, 0.88]; empty: fill the binding budget
-    # vram_bytes and train_flops are budgets of the whole train step: the plan stage measures a
-    # step profile (one probe compile per layer group, layerlens_jax.measure_step_profile) and
-    # every plan reports its predicted step memory next to XLA's. false: per-site increments only.
+    # vram_bytes and train_flops are budgets of the whole train step, latency of the whole
+    # inference batch (milliseconds, the base forward measured): the plan stage measures a step
+    # profile (one probe compile per layer group, layerlens_jax.measure_step_profile) and every
+    # plan reports its predicted step memory next to XLA's. false: per-site increments only.
     whole_step: bool = True
 
 

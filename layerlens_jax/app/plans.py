@@ -57,7 +57,7 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
     under a ``vram_bytes`` budget is checked against its compiled step and re-allocated until it
     fits (:func:`within_measured_memory`)."""
     from layerlens_jax._src.allocate import allocate
-    from layerlens_jax._src.costs import Catalogue, CostModel
+    from layerlens_jax._src.costs import Catalogue
     from layerlens_jax._src.plan import Plan, uniform_assignments
     from layerlens_jax._src.step_cost import with_step_use
     from layerlens_jax.app.sweep import widest_uniform
@@ -65,8 +65,8 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
     b, a = cfg.budget, cfg.allocate
     peft_options = {"lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora}
     reference_options = {"lora_alpha": b.reference_alpha, "use_rslora": False}
-    cost_model = None if step_profile is None else CostModel(  # per-site costs at its batch shape
-        batch_size=step_profile.batch_size, seq_len=step_profile.seq_len)
+    # per-site costs at the profile's batch shape, with its measured LoRA input fraction
+    cost_model = None if step_profile is None else step_profile.cost_model()
 
     def uniform_plan(target_names, lora_rank, **metadata):  # standard LoRA (baselines' scaling)
         return Plan.from_assignments(sites, uniform_assignments(sites, "lora", lora_rank,
@@ -93,7 +93,7 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
         warnings.filterwarnings("ignore", message="allocate returned an empty plan")
         tie = a.tie or None
         # the depth term only matters to whole-step budgets; otherwise predict after allocating
-        whole = step_profile if set(budgets) & {"vram_bytes", "train_flops"} else None
+        whole = step_profile if set(budgets) & {"vram_bytes", "train_flops", "latency"} else None
         common = dict(gain_model=gain, utilisation=utilisation, peft_options=peft_options,
                       tie=tie, step_profile=whole, cost_model=cost_model)
         extra = {"layerlens_lora": dict(catalogue=lora_only),
