@@ -63,13 +63,13 @@ def factors(model, site):
     return np.asarray(m.peft_lora_a[...]), np.asarray(m.peft_lora_b[...])
 
 
-def delta64(a, b, rank):
+def delta64(a, b, rank, rslora=False):
     """The LoRA update scale * A @ B in float64 (the independent reference)."""
-    return lora_scale(ALPHA, rank) * (a.astype(np.float64) @ b.astype(np.float64))
+    return lora_scale(ALPHA, rank, rslora) * (a.astype(np.float64) @ b.astype(np.float64))
 
 
-def adapted(base, plan, seed=1):
-    return perturbed(apply_plan(base, plan), seed)
+def adapted(base, plan, seed=1, **options):
+    return perturbed(apply_plan(base, plan, **options), seed)
 
 
 # ------------------------------------------------------------------------------ resize_lora
@@ -90,19 +90,22 @@ def test_keep_and_add_leave_factors_and_output_bit_identical(base, batch):
     assert applied_plan(model) == {Q: ("lora", 2), V: ("lora", 4), FFN_IN: ("lora", 3)}
 
 
-def test_grow_keeps_the_delta_and_extends_a_like_the_lora_init(base, batch):
-    model = adapted(base, {V: ("lora", 4)})
+@pytest.mark.parametrize("rslora", [False, True])
+def test_grow_keeps_the_delta_and_extends_a_like_the_lora_init(base, batch, rslora):
+    model = adapted(base, {V: ("lora", 4)}, use_rslora=rslora)
     ids = batch["input_ids"]
     before, (a, b) = np.asarray(model(ids)), factors(model, V)
     assert resize_lora(model, {V: 6}, seed=5) == {V: "grown"}
     a6, b6 = factors(model, V)
     assert a6.shape == (16, 6) and b6.shape == (6, 16) and get_submodule(model, V).rank == 6
     assert np.array_equal(a6[:, :4], a)  # old columns kept bit for bit
-    np.testing.assert_allclose(b6[:4], b * (6 / 4), rtol=1e-6)  # rescaled for alpha/6 vs alpha/4
+    ratio = np.sqrt(6 / 4) if rslora else 6 / 4  # scale_4 / scale_6
+    np.testing.assert_allclose(b6[:4], b * ratio, rtol=1e-6)
     assert not np.any(b6[4:])
     bound = np.sqrt(6.0 / 16)  # He-uniform on fan_in 16
     assert np.all(np.abs(a6[:, 4:]) <= bound) and np.std(a6[:, 4:]) > 0.3 * bound
-    np.testing.assert_allclose(delta64(a6, b6, 6), delta64(a, b, 4), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(delta64(a6, b6, 6, rslora), delta64(a, b, 4, rslora), rtol=1e-6,
+                               atol=1e-7)
     np.testing.assert_allclose(np.asarray(model(ids)), before, rtol=1e-5, atol=1e-6)
 
 
@@ -136,6 +139,15 @@ def test_shrink_is_the_balanced_truncated_svd(base):
                                atol=1e-5 * s[0] / scale2)
     np.testing.assert_allclose(b2.astype(np.float64) @ b2.T, np.diag(s[:2] / scale2),
                                atol=1e-5 * s[0] / scale2)
+
+
+def test_shrinking_a_zero_delta_keeps_the_site_trainable(base):
+    model = apply_plan(base, {V: ("lora", 4)})  # B = 0: the delta is exactly zero
+    assert resize_lora(model, {V: 2}) == {V: "shrunk"}
+    a2, b2 = factors(model, V)
+    assert not np.any(b2)
+    bound = np.sqrt(6.0 / 16)  # a fresh He-uniform A (not zeros, which no gradient would move)
+    assert np.all(np.abs(a2) <= bound) and np.std(a2) > 0.3 * bound
 
 
 def test_shrink_keeps_the_function_when_the_delta_has_that_rank(base, batch):
@@ -176,6 +188,9 @@ def test_errors_name_the_site_and_leave_the_model_untouched(base):
         resize_lora(odd, {K: 1})
     assert resize_lora(odd, {K: 1}, peft_options={"lora_alpha": 2.0}) == {K: "added"}
     assert get_submodule(odd, K).alpha == 2.0
+    zero = apply_plan(base, {Q: ("lora", 2)}, lora_alpha=0.0)
+    with pytest.raises(ValueError, match=f"{Q}.*lora_alpha 0"):
+        resize_lora(zero, {Q: 1})
 
 
 # ------------------------------------------------------------------------- optimizer state

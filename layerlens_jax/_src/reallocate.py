@@ -51,8 +51,6 @@ from layerlens_jax._src.utility import UtilityConfig, utility as site_utility
 __all__ = ["lora_ranks", "resize_lora", "transfer_optimizer_state", "merged_utility",
            "reallocate_plan"]
 
-#: What :func:`resize_lora` did to a site.
-STATUSES = ("kept", "shrunk", "grown", "dropped", "added")
 #: Salt of the keys that draw the new columns of a grown ``A`` (apart from the apply_plan keys).
 _GROW_SALT = "#resize"
 
@@ -125,7 +123,7 @@ def _lora_options(loras: Mapping[str, LoRA], given: PeftOptions | Mapping | None
     return dict(alpha=alpha, use_rslora=use_rslora, dropout=rate, param_dtype=dtype)
 
 
-def _plan_changes(model: nnx.Module, ranks: Mapping[str, Any]) -> dict[str, tuple[str, int]]:
+def _checked_changes(model: nnx.Module, ranks: Mapping[str, Any]) -> dict[str, tuple[str, int]]:
     """``{site: (status, rank)}``, every site checked before any edit (ValueError naming it)."""
     changes = {}
     for site, rank in ranks.items():
@@ -135,6 +133,9 @@ def _plan_changes(model: nnx.Module, ranks: Mapping[str, Any]) -> dict[str, tupl
         if isinstance(module, LoRA):
             status = ("dropped" if rank == 0 else "kept" if rank == module.rank
                       else "shrunk" if rank < module.rank else "grown")
+            if status in ("shrunk", "grown") and module.alpha == 0:
+                raise ValueError(f"resize_lora: site {site!r} has lora_alpha 0 (scale 0), so its "
+                                 f"factors cannot be rescaled to another rank")
         elif rank > 0:
             lora_target_info(module, site)  # ValueError naming the site if LoRA cannot wrap it
             status = "added"
@@ -152,7 +153,9 @@ def _refactored(a: np.ndarray, b: np.ndarray, scale: float, new_scale: float, ra
     A rank no smaller than ``a``'s keeps ``a`` in the leading columns and rescales ``b`` (the
     product exactly preserved, the remaining columns of ``A'`` from ``fresh_a``, rows of ``B'``
     zero); a smaller one truncates the SVD, taken from QR factors of ``a`` and ``b.T`` (only an
-    ``r x r`` SVD), singular values split evenly between the two sides."""
+    ``r x r`` SVD), singular values split evenly between the two sides. Components beyond the
+    delta's numerical rank (float32 tolerance) get ``fresh_a`` columns and zero ``B'`` rows, as at
+    LoRA init, not zero columns on both sides (which would never receive a gradient)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     r = a.shape[1]
     new_a = np.array(fresh_a, np.float64)
@@ -164,10 +167,11 @@ def _refactored(a: np.ndarray, b: np.ndarray, scale: float, new_scale: float, ra
     qa, ra = np.linalg.qr(a)
     qb, rb = np.linalg.qr(b.T)
     u, sv, vt = np.linalg.svd(scale * ra @ rb.T)
-    k = min(rank, sv.size)
-    root = np.sqrt(sv[:k] / new_scale)
+    tol = sv[:1].max(initial=0.0) * max(a.shape[0], b.shape[1]) * np.finfo(np.float32).eps
+    k = int(np.count_nonzero(sv[:rank] > tol))
+    root = np.sqrt(sv[:k] / abs(new_scale))
     new_a[:, :k] = (qa @ u[:, :k]) * root
-    new_b[:k] = ((qb @ vt[:k].T) * root).T
+    new_b[:k] = ((qb @ vt[:k].T) * (root * np.sign(new_scale))).T
     return new_a, new_b
 
 
@@ -181,8 +185,8 @@ def _resized(old: LoRA, site: str, rank: int, seed: int) -> LoRA:
     new.dropout = old.dropout  # keep its rng stream
     a, b = _refactored(np.asarray(old.peft_lora_a[...]), np.asarray(old.peft_lora_b[...]),
                        old.scale, new.scale, rank, np.asarray(new.peft_lora_a[...]))
-    new.peft_lora_a[...] = jnp.asarray(a, dtype)
-    new.peft_lora_b[...] = jnp.asarray(b, dtype)
+    for var, value in ((new.peft_lora_a, a), (new.peft_lora_b, b)):
+        var[...] = jax.device_put(jnp.asarray(value, dtype), var[...].sharding)  # init placement
     return new
 
 
@@ -211,7 +215,7 @@ def resize_lora(model: nnx.Module, ranks: Mapping[str, int], *, seed: int = 0,
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"resize_lora: seed must be an int, got {seed!r}")
-    changes = _plan_changes(model, ranks)
+    changes = _checked_changes(model, ranks)
     options = _lora_options(_lora_modules(model), peft_options) if any(
         s == "added" for s, _ in changes.values()) else None
     for site, (status, rank) in changes.items():
