@@ -122,7 +122,8 @@ def predictive_validity(prep, stats, u, steps: int, lr: float) -> dict:
 
 PLAN_VARIANTS = ("layerlens_lora", "layerlens_mixed", "spectral_frobenius", "spectral_nuclear",
                  "spectral_breadth", "tied_lora", "tied_spectral", "probe_lora", "probe_tied",
-                 "fill_lora", "fill_tied", "eva", "eva_rho2", "adalora")
+                 "fill_lora", "fill_tied", "realloc_fill", "realloc_lora", "eva", "eva_rho2",
+                 "adalora")
 DEFAULT_VARIANTS = ("uniform:qv", "uniform:qkvo", "uniform:ffn", "uniform:all") + PLAN_VARIANTS + (
     "head_only", "full")
 
@@ -168,7 +169,7 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
     for name, tie in (("fill_lora", None), ("fill_tied", "layers")):
         # the widest uniform set at rank 1 is mandatory; utility spends the rest of the budget.
         # Standard LoRA scaling (the baselines'), so an empty fill is exactly uniform_widest's r1.
-        if name in variants and floor:
+        if (name in variants or name == "fill_lora" and "realloc_fill" in variants) and floor:
             t0 = time.perf_counter()
             out[name] = allocate(sites, u, {"params": budget},
                                  catalogue=Catalogue.from_sizes(lora=a.lora_ranks),
@@ -177,6 +178,12 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
             out[name] = dataclasses.replace(out[name], metadata={
                 **out[name].metadata, "allocate_seconds": time.perf_counter() - t0,
                 "floor": sorted(floor)})
+    # in-training reallocation (train_variant's hook) starts from these plans
+    for name, start in (("realloc_fill", "fill_lora"), ("realloc_lora", "layerlens_lora")):
+        if name in variants and start in {**plans, **out}:
+            p = {**plans, **out}[start]
+            out[name] = dataclasses.replace(p, metadata={**p.metadata, "variant": name,
+                                                         "floor": sorted(floor)})
     for name, tie in (("probe_lora", None), ("probe_tied", "layers")):
         if name in variants and probe is not None:
             t0 = time.perf_counter()
@@ -236,6 +243,26 @@ def _adalora(bcfg, sites):
     return adapt, make_step
 
 
+def _reallocation(prep, variant, plan, sites, args):
+    """``(reallocate, built)`` for train_variant (``built[0]``: the run's log of reallocations
+    once trained): re-profile and re-solve at ``--realloc-at``
+    fractions of training with the initial plan's settings (its floor, gain model, options)."""
+    from layerlens_jax.app.reallocation import reallocation_hook
+
+    a = prep.cfg.allocate
+    options = {"gain_model": a.gain_model()}
+    if plan.metadata.get("floor") and variant == "realloc_fill":
+        options["min_size"] = {path: 1 for path in plan.metadata["floor"]}
+    built = []  # the log of the hook train_variant builds (one per run)
+
+    def reallocate(wrt):
+        hook, log = reallocation_hook(prep, variant, plan, sites, at=args.realloc_at, wrt=wrt,
+                                      allocate_options=options)
+        built.append(log)
+        return hook
+    return reallocate, built
+
+
 def _eva_statistics(prep, stats):
     """EVA's input statistics of the uniform target sites on the profiling batches."""
     from layerlens_jax._src.eva import eva_statistics
@@ -260,7 +287,8 @@ def _settings(spec, scale, variant, seed, args) -> dict:
     return {"task": spec, "budget": scale, "variant": variant, "seed": seed, "steps": args.steps,
             "profile_batches": args.profile_batches, "config": args.config,
             "set": sorted(args.set), "protocol": 3,
-            **({"probe_steps": args.probe_steps} if variant.startswith("probe_") else {})}
+            **({"probe_steps": args.probe_steps} if variant.startswith("probe_") else {}),
+            **({"realloc_at": list(args.realloc_at)} if variant.startswith("realloc_") else {})}
 
 
 def main():
@@ -280,6 +308,8 @@ def main():
                     help="only rewrite validation.md from the stored results")
     ap.add_argument("--probe-steps", type=int, default=30,
                     help="steps of the probe run of the probe_* variants (part of their cost)")
+    ap.add_argument("--realloc-at", type=float, nargs="+", default=[1 / 3],
+                    help="fractions of training after which the realloc_* variants reallocate")
     ap.add_argument("--plans-only", action="store_true",
                     help="profile and allocate, store and print the plans, train nothing")
     ap.add_argument("--merge", nargs="+", default=[], metavar="DIR",
@@ -369,9 +399,16 @@ def main():
                         hooks["adapt"] = _eva_adapt(prep_b, plans[variant], eva)
                     elif variant == "adalora":
                         hooks["adapt"], hooks["make_step"] = _adalora(bcfg, list(stats.sites))
+                    elif variant.startswith("realloc_"):
+                        hooks["reallocate"], built = _reallocation(prep_b, variant, plans[variant],
+                                                                 list(stats.sites), args)
                     res = train_variant(prep_b, variant, plans.get(variant), seed, progress=False,
                                         **hooks)
                     r = {**res.to_json(), "task": spec, "budget_scale": key_scale}
+                    if variant.startswith("realloc_"):
+                        log = built[0] if built else []
+                        r["reallocations"] = [x.to_json() for x in log]
+                        r["reallocate_seconds"] = sum(x.seconds for x in log)
                     store["runs"][key] = r
                     write_json(store_path, store)
                     print(f"[{spec} x{key_scale}] {variant} seed {seed}: test "

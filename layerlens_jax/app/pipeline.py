@@ -33,7 +33,6 @@ import json
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -377,10 +376,14 @@ def variant_step(prep: Prepared, variant: str, model, wrt, make_step=None):
     schedule; ``make_step`` as in :func:`train_variant`)."""
     from layerlens_jax._src.train import make_functional_train_step
 
-    cfg = prep.cfg
-    tx = optax.adamw(_schedule(cfg, _lr(cfg, variant)), weight_decay=cfg.train.weight_decay)
     make_step = make_step or (lambda m, t, f, w: make_functional_train_step(m, t, f, wrt=w))
-    return make_step(model, tx, _mean_loss, wrt)
+    return make_step(model, variant_tx(prep, variant), _mean_loss, wrt)
+
+
+def variant_tx(prep: Prepared, variant: str) -> optax.GradientTransformation:
+    """The optimizer of ``variant``'s run: AdamW on its learning-rate schedule."""
+    cfg = prep.cfg
+    return optax.adamw(_schedule(cfg, _lr(cfg, variant)), weight_decay=cfg.train.weight_decay)
 
 
 def step_memory(step, state, batch) -> float | None:
@@ -466,11 +469,15 @@ class VariantResult:
 
 
 def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bool = True,
-                  keep_model: bool = False, adapt=None, make_step=None) -> VariantResult:
+                  keep_model: bool = False, adapt=None, make_step=None,
+                  reallocate=None) -> VariantResult:
     """Train one variant with one seed; its figures (and the model if ``keep_model``).
 
     ``adapt`` as in :func:`build_variant`; ``make_step(model, tx, loss_fn, wrt) -> (step, state)``,
-    when given, replaces :func:`~layerlens_jax.make_functional_train_step` (AdaLoRA's step)."""
+    when given, replaces :func:`~layerlens_jax.make_functional_train_step` (AdaLoRA's step).
+    ``reallocate(wrt) -> hook``: in-training reallocation
+    (:func:`~layerlens_jax.app.reallocation.reallocation_hook`), its seconds excluded from
+    ``train_seconds`` (the caller's log has them)."""
     from layerlens_jax.app.data import num_batches
     from layerlens_jax._src.train import write_back
 
@@ -479,8 +486,9 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
     trainable = count_params(model, wrt)
     step, state = variant_step(prep, variant, model, wrt, make_step)
     per_epoch = num_batches(prep.sizes["train"], cfg.data.batch_size, drop_remainder=True)
+    hook = None if reallocate is None else reallocate(wrt)
     state, curve, seconds, memory = _run_steps(prep, variant, seed, model, step, state,
-                                               progress=progress)
+                                               progress=progress, hook=hook)
     write_back(model, state)
     test = evaluate_accuracy(model, prep.arrays["test"], cfg.data.eval_batch_size)
     return VariantResult(
@@ -492,9 +500,11 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
         step_memory_bytes=memory, curve=curve, model=model if keep_model else None)
 
 
-def _run_steps(prep: Prepared, variant: str, seed: int, model, step, state, *, progress: bool):
+def _run_steps(prep: Prepared, variant: str, seed: int, model, step, state, *, progress: bool,
+               hook=None):
     """The training loop of :func:`train_variant`: ``(state, curve, seconds, step memory)``.
-    ``model`` is written back (for evaluation) at every curve point.
+    ``model`` is written back (for evaluation) at every curve point. ``hook(i, model, step,
+    state) -> (step, state)`` runs after every step (reallocation); its time is not counted.
 
     The host never waits on a step between curve points: steps are dispatched asynchronously, the
     next batch is built and put on the device while the current step runs, and only the losses of
@@ -517,6 +527,10 @@ def _run_steps(prep: Prepared, variant: str, seed: int, model, step, state, *, p
             _check_divergence(cfg, variant, seed, 1, initial, initial)
         if i + 1 < steps:
             batch = next(batches)  # built and transferred while step i runs
+        if hook is not None:
+            th = time.perf_counter()
+            step, state = hook(i, model, step, state)
+            eval_seconds += time.perf_counter() - th if i > 0 else 0.0
         if (i + 1) % every == 0 or i + 1 == steps:
             recent = float(np.mean(jax.device_get(list(window))))
             _check_divergence(cfg, variant, seed, i + 1, recent, initial)
