@@ -221,6 +221,36 @@ def test_train_variant_uniform_lora_counts_adapter_and_head():
     assert r.model is None and r.seed == 1
 
 
+def test_train_variant_reallocates_within_the_budget():
+    """A reallocation half-way: the run goes on with the re-solved plan, whose parameters the
+    trained model holds exactly and which stays within the initial plan's budget."""
+    from layerlens_jax._src.allocate import allocate
+    from layerlens_jax._src.costs import Catalogue
+    from layerlens_jax._src.peft.nnx_modules import PEFT_FILTER
+    from layerlens_jax.app.reallocation import reallocation_hook
+
+    prep = _fake_prepared(**{"profile.batches": 1})
+    sites = adaptable_sites(prep.build_model(0), prep)
+    u = np.linspace(1.0, 0.1, len(sites))
+    plan = allocate(sites, u, {"params": 600}, catalogue=Catalogue.from_sizes(lora=(1, 2, 4)))
+    logs = []
+
+    def reallocate(wrt):
+        hook, log = reallocation_hook(prep, "layerlens_lora", plan, sites, at=(0.5,), wrt=wrt)
+        logs.append(log)
+        return hook
+
+    r = train_variant(prep, "layerlens_lora", plan, 0, progress=False, keep_model=True,
+                      reallocate=reallocate)
+    (entry,) = logs[0]
+    assert entry.step == 3 and 0 < entry.params <= 600 and entry.seconds > 0
+    lora = sum(x.size for x in jax.tree.leaves(nnx.state(r.model, PEFT_FILTER)))
+    assert lora == entry.params
+    assert np.isfinite(r.val_loss) and len(r.curve) == 2
+    with pytest.raises(ValueError, match="fractions"):
+        reallocation_hook(prep, "layerlens_lora", plan, sites, at=(1.0,), wrt=None)
+
+
 # ---------------------------------------------------------------------------- plans, warm-up
 
 

@@ -36,7 +36,7 @@ that backward runs through the whole group and everything above it, and nothing 
   step's jaxpr, per token of model input: the frozen forward plus the input-gradient products above
   ``d``. :func:`matmul_flops` is the same count used as the reference in ``scripts/bench_costs.py``.
 * ``L``: the measured milliseconds of the frozen base model's jit forward pass at the profile's
-  batch shape (median of timed runs). The per-site ``latency`` terms (extra kernels and FLOPs of
+  batch shape (the fastest of timed runs). The per-site ``latency`` terms (extra kernels and FLOPs of
   unmerged adapters, :func:`~layerlens_jax._src.costs.calibrate_latency`) are increments on it:
   predicting the base forward from FLOPs with the adapters' calibrated throughput was off by 11x
   on a CPU (small adapter products run far below the base model's matmul rate).
@@ -96,7 +96,7 @@ class StepProfile:
     # positions per example the profile was measured with
     seq_len: int
     # milliseconds of one jit-compiled forward pass of the frozen base model at this batch shape
-    # (median of timed runs): the fixed part of ``latency``, which no adapter changes
+    # (fastest of timed runs): the fixed part of ``latency``, which no adapter changes
     forward_ms: float = 0.0
     # the part of a rank-1 LoRA site's input that adapting it adds to the step (measured, see
     # :func:`measure_step_profile`): the cost model's ``CostModel.rank1_input_fraction``
@@ -257,8 +257,8 @@ def _probe_step(model, path, shape, dtype, loss_fn, batch):
 
 
 def _timed_ms(fn: Callable, *args, repeats: int) -> float:
-    """Median milliseconds of ``repeats`` runs of the jitted ``fn(*args)`` after one warm-up
-    (0.0 when ``repeats`` is 0)."""
+    """Milliseconds of the fastest of ``repeats`` runs of the jitted ``fn(*args)`` after one
+    warm-up (the least disturbed on a shared machine; 0.0 when ``repeats`` is 0)."""
     import time
 
     if repeats <= 0:
@@ -269,7 +269,7 @@ def _timed_ms(fn: Callable, *args, repeats: int) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+    return float(np.min(times)) * 1e3
 
 
 def measure_step_profile(model: nnx.Module, loss_fn: Callable, batch: Any, *, example: Any,

@@ -100,7 +100,8 @@ class StageOutcome:
 
 
 def stage_profile(ctx: StageContext) -> StageOutcome:
-    from layerlens_jax.app.pipeline import run_profile, stats_to_json, write_json
+    from layerlens_jax.app.pipeline import run_profile, write_json
+    from layerlens_jax.app.stats_file import stats_to_json
 
     t0 = time.perf_counter()
     stats, u, rep = run_profile(ctx.prep, progress=ctx.progress)
@@ -135,7 +136,7 @@ def stage_plan(ctx: StageContext) -> StageOutcome:
     from layerlens_jax._src.export import hf_bert_module_name, save_peft_config
     from layerlens_jax._src.plan import save_plan
     from layerlens_jax._src.plan_metrics import plan_metrics, render_metrics_markdown
-    from layerlens_jax.app.pipeline import read_json, sites_from_json
+    from layerlens_jax.app.stats_file import read_json, sites_from_json
     from layerlens_jax.app.plans import make_plans, measure_whole_step
 
     cfg, out = ctx.cfg, ctx.out
@@ -292,8 +293,8 @@ def stage_report(ctx: StageContext) -> StageOutcome:
     from layerlens_jax._src.plan_metrics import plan_metrics, render_metrics_markdown
     from layerlens_jax._src.utility import UtilityReport
     from layerlens_jax.app import report as R
-    from layerlens_jax.app.pipeline import (check_stats_json, comparison_markdown, read_json,
-                                            write_json)
+    from layerlens_jax.app.pipeline import comparison_markdown, write_json
+    from layerlens_jax.app.stats_file import check_stats_json, read_json
     from layerlens_jax.app.rundir import stage_seconds
 
     cfg, out = ctx.cfg, ctx.out
