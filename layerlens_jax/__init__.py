@@ -44,6 +44,9 @@ from layerlens_jax._src.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, Pe
 from layerlens_jax._src.train import (linen_variables, make_functional_train_step,
                                       make_linen_train_step, make_optimizer, make_train_step)
 from layerlens_jax._src.checkpoint import CheckpointError, restore_adapters, save_adapters
+# 6. in-training reallocation: re-solve part-way, resize LoRA ranks keeping what was learned
+from layerlens_jax._src.reallocate import (lora_ranks, merged_utility, reallocate_plan,
+                                           resize_lora, transfer_optimizer_state)
 # reference models (BERT-style encoder, NNX and Linen)
 from layerlens_jax.models import BertClassifier, BertConfig, LinenBertClassifier
 
@@ -63,5 +66,6 @@ __all__ = [
     "make_functional_train_step", "make_linen_train_step", "linen_variables", "make_optimizer",
     "make_train_step",
     "CheckpointError", "restore_adapters", "save_adapters",
+    "lora_ranks", "merged_utility", "reallocate_plan", "resize_lora", "transfer_optimizer_state",
     "BertClassifier", "BertConfig", "LinenBertClassifier",
 ]

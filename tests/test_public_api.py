@@ -23,10 +23,11 @@ PUBLIC_API = [
     "SiteAllocation", "SpectralGain", "StepProfile", "UtilityConfig", "UtilityReport", "allocate",
     "allocate_curve", "allocate_exact", "apply_plan", "calibrate_latency", "count_trainable",
     "discover_sites", "gradient_spectra", "init_adapters", "linen_variables", "load_plan",
-    "make_functional_train_step", "make_linen_train_step", "make_optimizer", "make_train_step",
-    "measure_step_profile", "merge", "plan_metrics", "probe_utility", "profile",
-    "register_site_kind", "restore_adapters", "sampled_label_loss", "save_adapters", "save_plan",
-    "site_kind_of", "to_peft_config", "utility", "utility_report",
+    "lora_ranks", "make_functional_train_step", "make_linen_train_step", "make_optimizer",
+    "make_train_step", "measure_step_profile", "merge", "merged_utility", "plan_metrics",
+    "probe_utility", "profile", "reallocate_plan", "register_site_kind", "resize_lora",
+    "restore_adapters", "sampled_label_loss", "save_adapters", "save_plan", "site_kind_of",
+    "to_peft_config", "transfer_optimizer_state", "utility", "utility_report",
 ]
 
 # Importing the core must not pull in the application or its extras.
