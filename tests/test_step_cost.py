@@ -152,6 +152,54 @@ def test_depth_enumeration_matches_milp_and_brute_force(seed):
         assert plan.use["vram_bytes"] <= budget
 
 
+def _brute_force_tied(sites, u, profile, budget, cm, catalogue, key):
+    """The tied optimum by enumeration: one option per group, the whole step charged at the
+    lowest member of any adapted group."""
+    options = catalogue.options()
+    cost = option_costs(sites, options, cm)[..., RESOURCES.index("vram_bytes")]
+    gain = ll.GainModel().gain(u, options)
+    groups = sorted({key(s) for s in sites})
+    best = 0.0
+    for pick in itertools.product(range(len(options)), repeat=len(groups)):
+        choice = [pick[groups.index(key(s))] for s in sites]
+        adapted = [i for i, o in enumerate(choice) if o]
+        d = min(profile.depth[sites[i].path] for i in adapted) if adapted else len(profile.groups)
+        use = profile.vram_bytes[d] + sum(cost[i, o] for i, o in enumerate(choice))
+        if use <= budget:
+            best = max(best, sum(gain[i, o] for i, o in enumerate(choice)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("tie", ["layers", "by_layer"])
+def test_tied_depth_enumeration_matches_milp_and_brute_force(seed, tie):
+    """Ties and a step profile together: a group is as deep as its lowest member (``layers``:
+    one group per projection spanning every layer; ``by_layer``: one group per layer)."""
+    sites, u, profile = _toy(seed, n_groups=3, per_group=3)
+    cm = CostModel(batch_size=2, seq_len=4)
+    catalogue = Catalogue.from_sizes(lora=(1, 4))
+    # "layers" groups reach layer 0, so only budgets above its fixed part adapt anything; per-layer
+    # groups are tried between the fixed parts of layers 1 and 0 (the top layers only)
+    low = profile.vram_bytes[0 if tie == "layers" else 1]
+    budget = low + 2000.0 * (seed + 1)
+    key = (lambda s: s.path.split("/")[1]) if tie == "layers" else (lambda s: s.path.split("/")[0])
+    rule = "layers" if tie == "layers" else key
+    fast = ll.allocate(sites, u, {"vram_bytes": budget}, catalogue=catalogue, cost_model=cm,
+                       step_profile=profile, tie=rule)
+    exact = ll.allocate_exact(sites, u, {"vram_bytes": budget}, catalogue=catalogue, cost_model=cm,
+                              step_profile=profile, tie=rule)
+    truth = _brute_force_tied(sites, u, profile, budget, cm, catalogue, key)
+    assert truth > 0
+    assert exact.objective == pytest.approx(truth, rel=1e-9)
+    assert fast.objective <= truth + 1e-9 and fast.dual_bound >= truth - 1e-9
+    for plan in (fast, exact):
+        assert plan.use["vram_bytes"] <= budget
+        by_group = {}
+        for path, option in plan.assignments().items():  # every member shares its group's option
+            by_group.setdefault(key(next(s for s in sites if s.path == path)), set()).add(option)
+        assert all(len(v) == 1 for v in by_group.values())
+
+
 def test_rank1_input_fraction_is_measured_and_used(setup):
     """The measured rank-1 fraction reproduces XLA's step memory on the plan it is calibrated on
     (LoRA r1 on every LoRA-able non-embedding site); a fraction clipped to 0 / 1 means XLA is below
@@ -175,3 +223,12 @@ def test_rank1_input_fraction_is_measured_and_used(setup):
     assert plan.use["latency"] >= profile.forward_ms
     with pytest.raises(ValueError, match="rank1_input_fraction"):
         CostModel(rank1_input_fraction=1.5)
+
+
+def test_scanned_stacks_are_refused_naming_the_site():
+    from layerlens_jax.decoder import Decoder, DecoderConfig
+
+    model = Decoder(DecoderConfig.tiny(scan_layers=True), rngs=nnx.Rngs(0))
+    ids = jnp.zeros((2, 8), jnp.int32)
+    with pytest.raises(ValueError, match=r"site 'layers/0/.*nnx.scan stack"):
+        measure_step_profile(model, lambda m, b: m(b).mean(), ids, example=(ids,))

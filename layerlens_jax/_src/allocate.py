@@ -89,7 +89,8 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
       tie: ``"layers"``: sites whose paths differ only in layer indices share one option (the
         same projection of every layer gets the same method and size, as a user adapting "value at
         rank 4" does); or a function ``Site -> group key``. The dual bound then certifies the tied
-        problem. See :mod:`~layerlens_jax._src.ties`. Not combinable with ``step_profile`` yet.
+        problem. See :mod:`~layerlens_jax._src.ties`. With ``step_profile`` a group counts at the
+        depth of its lowest member.
 
     Returns:
       A :class:`~layerlens_jax._src.plan.Plan` (``solver="lagrangian"``) whose use is within every
@@ -129,9 +130,6 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
                               peft_options=peft_options, config=config,
                               step_profile=step_profile, tie=tie),
             sites, budgets, pinned)
-    if needs_ties(sites, tie) and step_profile is not None:
-        raise ValueError("allocate: tie (or stacked layers, always tied) and step_profile cannot "
-                         "be combined: the lowest adapted depth of a tied group spans layers")
     t0 = time.perf_counter()
     if step_profile is not None:  # its batch shape (default) and measured LoRA input fraction
         cost_model = step_profile.cost_model(cost_model)
@@ -140,7 +138,7 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
                             max_size=max_size, utilisation=utilisation)
     t1 = time.perf_counter()
     if step_profile is not None:
-        return _allocate_over_depth(problem, step_profile, config, peft_options, t1 - t0)
+        return _allocate_over_depth(problem, step_profile, config, peft_options, t1 - t0, tie)
     labels, solved, extra = None, problem, {}
     if needs_ties(problem.sites, tie):  # a tie rule, or the layers of an nnx.scan stack
         labels, keys = tie_labels(problem.sites, tie, problem.pinned)
@@ -163,12 +161,24 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
 
 
 def _allocate_over_depth(problem: Problem, profile: StepProfile, config: SolverConfig,
-                         peft_options: Mapping[str, Any] | None, build_s: float) -> Plan:
-    """:func:`allocate` with a step profile: one vmapped solve over the lowest adapted group."""
+                         peft_options: Mapping[str, Any] | None, build_s: float,
+                         tie=None) -> Plan:
+    """:func:`allocate` with a step profile: one vmapped solve over the lowest adapted group.
+
+    With ties each depth's sub-problem is tied (a group may be adapted at depth ``d`` only if none
+    of its members lies below ``d``: the depth mask forbids them, and a group takes an option only
+    where every member allows it)."""
     t0 = time.perf_counter()
     subs = depth_subproblems(problem, profile)
+    labels, base, extra = None, problem, {}
+    if needs_ties(problem.sites, tie):
+        labels, keys = tie_labels(problem.sites, tie, problem.pinned)
+        base = tie_problem(problem, labels)
+        subs = [None if sub is None else tie_problem(sub, labels) for sub in subs]
+        extra["tie"] = {"rule": tie if isinstance(tie, str) or tie is None
+                        else getattr(tie, "__name__", "custom"), "groups": len(keys)}
     live = [d for d, sub in enumerate(subs) if sub is not None]
-    gain, cost, _, _ = _device_arrays(problem)
+    gain, cost, _, _ = _device_arrays(base)
     stacked = [np.stack([getattr(subs[d], f) for d in live]) for f in ("mask", "budget", "group")]
     solve = jax.vmap(lambda m, b, g: lagrangian_allocate(gain, cost, m, b, g, config=config))
     sols = jax.device_get(solve(jnp.asarray(stacked[0]), jnp.asarray(stacked[1], jnp.float32),
@@ -182,8 +192,10 @@ def _allocate_over_depth(problem: Problem, profile: StepProfile, config: SolverC
         if best is None or value > best[0]:
             best = (value, d, choice, sols.lam[k])
     _, depth, choice, lam = best
-    extra = {"multipliers": {r: float(v) for r, v in zip(problem.resources, lam)},
-             "timing_s": {"build": build_s, "solve": time.perf_counter() - t0}}
+    if labels is not None:
+        choice = choice[labels]  # every member takes its group's option
+    extra.update({"multipliers": {r: float(v) for r, v in zip(problem.resources, lam)},
+                  "timing_s": {"build": build_s, "solve": time.perf_counter() - t0}})
     _warn_if_empty(problem, choice)
     plan = to_plan(problem, choice, bound, "lagrangian", peft_options, extra)
     return with_step_use(plan, problem.sites, profile, depth)

@@ -159,11 +159,11 @@ def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float],
     optimum :func:`~layerlens_jax._src.nesting.resolve_nesting` approximates. With
     ``step_profile`` the budgets mean the whole train step, as in ``allocate``: one binary per
     lowest adapted depth group (see :func:`solve_exact`). With ``tie`` (as in ``allocate``) the
-    MILP has one row per group; not combinable with ``exclusive_nesting`` or ``step_profile``.
+    MILP has one row per group (as deep as its lowest member); not combinable with
+    ``exclusive_nesting``.
     """
-    if needs_ties(sites, tie) and (exclusive_nesting or step_profile is not None):
-        raise ValueError("allocate_exact: tie cannot be combined with exclusive_nesting or "
-                         "step_profile")
+    if needs_ties(sites, tie) and exclusive_nesting:
+        raise ValueError("allocate_exact: tie cannot be combined with exclusive_nesting")
     t0 = time.perf_counter()
     if step_profile is not None:  # its batch shape (default) and measured LoRA input fraction
         cost_model = step_profile.cost_model(cost_model)
@@ -186,6 +186,10 @@ def allocate_exact(sites: Sequence[Site], utility, budgets: Mapping[str, float],
     if needs_ties(problem.sites, tie):
         labels, _ = tie_labels(problem.sites, tie, problem.pinned)
         solved = tie_problem(problem, labels)
+        if depth is not None:  # a group is as deep as its lowest member
+            group_depth = np.full(int(labels.max()) + 1, np.iinfo(np.int64).max)
+            np.minimum.at(group_depth, labels, depth[0])
+            depth = (group_depth, depth[1])
     choice, _, bound, message = solve_exact(solved.gain, solved.cost_rso, solved.mask,
                                             solved.budget, time_limit=time_limit,
                                             mip_rel_gap=mip_rel_gap, exclusive=exclusive,

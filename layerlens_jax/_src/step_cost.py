@@ -288,6 +288,14 @@ def measure_step_profile(model: nnx.Module, loss_fn: Callable, batch: Any, *, ex
     One compile per depth group (a probe step each) and one for the rank-1 fraction; seconds
     on a CPU for a MiniLM-size model.
     """
+    from layerlens_jax._src.sites import discover_sites
+
+    stacked = [s for s in discover_sites(model, example=example) if s.stacked_module]
+    if stacked:
+        raise ValueError(f"measure_step_profile: site {stacked[0].path!r} is a layer of the "
+                         f"nnx.scan stack {stacked[0].stacked_module!r}, whose layers cannot be "
+                         f"probed one by one: whole-step budgets of scanned stacks are not "
+                         f"supported")
     order = site_call_order(model, example)
     if not order:
         raise ValueError(f"no site of {type(model).__name__} was called by model(*example)")

@@ -309,11 +309,6 @@ def _cross_checks(cfg: RunConfig) -> None:
         if not sizes or any(s <= 0 for s in sizes):
             raise ConfigError(f"allocate.{key} must be a non-empty list of positive integers, "
                               f"got {list(sizes)}")
-    if cfg.allocate.tie and cfg.budget.whole_step and (
-            math.isfinite(cfg.budget.vram_bytes) or math.isfinite(cfg.budget.train_flops)):
-        raise ConfigError("allocate.tie cannot be combined with a whole-step vram_bytes / "
-                          "train_flops budget yet; set budget.whole_step = false or allocate.tie "
-                          "= \"\"")
     if cfg.compare.main in ("uniform_lora", "uniform_widest") and any(
             math.isfinite(getattr(cfg.budget, r))
             for r in ("vram_bytes", "train_flops", "infer_flops", "latency")):
