@@ -120,20 +120,6 @@ def _toy(seed, n_groups=3, per_group=2):
     return sites, rng.uniform(0.1, 1.0, len(sites)), profile
 
 
-def _brute_force(sites, u, profile, budget, cm, catalogue):
-    options = catalogue.options()
-    cost = option_costs(sites, options, cm)[..., RESOURCES.index("vram_bytes")]
-    gain = ll.GainModel().gain(u, options)
-    best = 0.0
-    for choice in itertools.product(range(len(options)), repeat=len(sites)):
-        adapted = [i for i, o in enumerate(choice) if o]
-        d = min(profile.depth[sites[i].path] for i in adapted) if adapted else len(profile.groups)
-        use = profile.vram_bytes[d] + sum(cost[i, o] for i, o in enumerate(choice))
-        if use <= budget:
-            best = max(best, sum(gain[i, o] for i, o in enumerate(choice)))
-    return best
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_depth_enumeration_matches_milp_and_brute_force(seed):
     sites, u, profile = _toy(seed)
@@ -152,9 +138,9 @@ def test_depth_enumeration_matches_milp_and_brute_force(seed):
         assert plan.use["vram_bytes"] <= budget
 
 
-def _brute_force_tied(sites, u, profile, budget, cm, catalogue, key):
-    """The tied optimum by enumeration: one option per group, the whole step charged at the
-    lowest member of any adapted group."""
+def _brute_force(sites, u, profile, budget, cm, catalogue, key=lambda s: s.path):
+    """The optimum by enumeration: one option per group of sites (``key``; default: each site on
+    its own), the whole step charged at the lowest member of any adapted group."""
     options = catalogue.options()
     cost = option_costs(sites, options, cm)[..., RESOURCES.index("vram_bytes")]
     gain = ll.GainModel().gain(u, options)
@@ -188,7 +174,7 @@ def test_tied_depth_enumeration_matches_milp_and_brute_force(seed, tie):
                        step_profile=profile, tie=rule)
     exact = ll.allocate_exact(sites, u, {"vram_bytes": budget}, catalogue=catalogue, cost_model=cm,
                               step_profile=profile, tie=rule)
-    truth = _brute_force_tied(sites, u, profile, budget, cm, catalogue, key)
+    truth = _brute_force(sites, u, profile, budget, cm, catalogue, key)
     assert truth > 0
     assert exact.objective == pytest.approx(truth, rel=1e-9)
     assert fast.objective <= truth + 1e-9 and fast.dual_bound >= truth - 1e-9
