@@ -4,8 +4,8 @@ factors and the optimizer state (:mod:`layerlens_jax._src.reallocate`).
 
 :func:`reallocation_hook` builds the callback :func:`~layerlens_jax.app.pipeline.train_variant`
 calls after each step (``reallocate=``). At each chosen step it writes the current state back into
-the model, profiles a merged clone on fresh training batches (the profile's batch count and options
-of the run), allocates with the caller's settings (the same ``min_size`` floor, gain model and
+the model, profiles a merged clone on fresh training batches (``profile.batches`` of them, exact
+Fisher, the run's utility settings), allocates with the caller's settings (the same ``min_size`` floor, gain model and
 catalogue sizes as the initial plan), resizes, rebuilds the train step (one recompile per
 reallocation) and carries the optimizer state over. Its wall clock is recorded per reallocation.
 """
