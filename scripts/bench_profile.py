@@ -1,6 +1,6 @@
 """Benchmark profile() against a plain training step and a naive vmap(grad) profiler.
 
-For the realistic reference config (MiniLM-L6 shape: 6 layers, hidden 384, 12 heads, FFN 1536;
+For a model shape (``--config``: MiniLM-L6 by default, BERT-large, or a Llama-style decoder;
 random weights) at sequence length 128, for each batch size prints, measured in ONE run on the
 current device:
 
@@ -15,6 +15,8 @@ Times are the median of ``--repeats`` interleaved calls after one warm-up (compi
 
     python scripts/bench_profile.py                       # batches 8 32 64, seq 128
     python scripts/bench_profile.py --batch-sizes 8 --seq 32 --repeats 3   # quick
+    python scripts/bench_profile.py --config bert_large --batch-sizes 4 --seq 64
+    python scripts/bench_profile.py --config decoder --batch-sizes 8 --seq 64
 """
 
 from __future__ import annotations
@@ -35,9 +37,32 @@ from layerlens_jax._src.profile import ProfileStep
 from layerlens_jax._src.sites import flatten_paths as _flat
 
 
-def loss_fn(model, batch):
+def classifier_loss(model, batch):
     logits = model(batch["input_ids"], batch["attention_mask"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+
+
+def decoder_loss(model, batch):
+    """Per-example next-token cross-entropy over the real (unpadded) positions."""
+    logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["input_ids"][:, 1:])
+    w = batch["attention_mask"][:, 1:].astype(nll.dtype)
+    return (nll * w).sum(-1) / jnp.maximum(w.sum(-1), 1.0)
+
+
+def make_model(name: str):
+    """``(model, loss_fn, description)`` of one benchmark shape (random weights)."""
+    from layerlens_jax.decoder import Decoder, DecoderConfig
+
+    if name == "minilm":
+        cfg = BertConfig.minilm_l6()
+        return BertClassifier(cfg, rngs=nnx.Rngs(0)), classifier_loss, cfg, "MiniLM-L6 shape"
+    if name == "bert_large":
+        cfg = BertConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096)
+        return BertClassifier(cfg, rngs=nnx.Rngs(0)), classifier_loss, cfg, "BERT-large shape"
+    cfg = DecoderConfig(vocab_size=32000, hidden_size=512, num_layers=8, num_heads=8,
+                        num_kv_heads=4, intermediate_size=1536)
+    return Decoder(cfg, rngs=nnx.Rngs(0)), decoder_loss, cfg, "Llama-style decoder (GQA, SwiGLU)"
 
 
 def make_batch(cfg, b, t, seed=0):
@@ -46,7 +71,8 @@ def make_batch(cfg, b, t, seed=0):
     lengths = rng.integers(t // 2, t + 1, size=b)
     am[np.arange(t)[None, :] >= lengths[:, None]] = 0
     return {"input_ids": rng.integers(0, cfg.vocab_size, (b, t)).astype(np.int32),
-            "attention_mask": am, "labels": rng.integers(0, cfg.num_labels, (b,)).astype(np.int32),
+            "attention_mask": am,
+            "labels": rng.integers(0, getattr(cfg, "num_labels", 2), (b,)).astype(np.int32),
             "example_mask": np.ones((b,), np.float32)}
 
 
@@ -78,14 +104,16 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-naive-above", type=int, default=1 << 30,
                     help="skip the naive profiler above this batch size (memory)")
+    ap.add_argument("--config", choices=["minilm", "bert_large", "decoder"], default="minilm",
+                    help="model shape (random weights): MiniLM-L6, BERT-large, or a Llama-style "
+                         "decoder (8 layers, width 512, GQA, SwiGLU, 32k vocabulary)")
     args = ap.parse_args()
 
-    cfg = BertConfig.minilm_l6()
-    model = BertClassifier(cfg, rngs=nnx.Rngs(0))
+    model, loss_fn, cfg, what = make_model(args.config)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{platform.processor() or platform.machine()}; jax {jax.__version__}")
-    print(f"model: MiniLM-L6 shape, {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f} M "
+    print(f"model: {what}, {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f} M "
           f"params; seq {args.seq}")
 
     @jax.jit
@@ -141,7 +169,7 @@ def main():
     for b, tp, tr, tn, mp, mr, mn, err in rows:
         print(f"| {b} | {tp*1e3:.1f} | {tr*1e3:.1f} | {tr/tp:.2f}x | {tn*1e3:.1f} | {tn/tr:.1f}x | "
               f"{mp*mib:.0f} | {mr*mib:.0f} | {mn*mib:.0f} | {mn/mr:.1f}x | {err:.1e} |")
-    print(f"\nreproduce: python scripts/bench_profile.py --batch-sizes "
+    print(f"\nreproduce: python scripts/bench_profile.py --config {args.config} --batch-sizes "
           f"{' '.join(map(str, args.batch_sizes))} --seq {args.seq} --repeats {args.repeats}")
 
 
