@@ -179,9 +179,10 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
                 **out[name].metadata, "allocate_seconds": time.perf_counter() - t0,
                 "floor": sorted(floor)})
     # in-training reallocation (train_variant's hook) starts from these plans
+    made = {**plans, **out}
     for name, start in (("realloc_fill", "fill_lora"), ("realloc_lora", "layerlens_lora")):
-        if name in variants and start in {**plans, **out}:
-            p = {**plans, **out}[start]
+        if name in variants and start in made:
+            p = made[start]
             out[name] = dataclasses.replace(p, metadata={**p.metadata, "variant": name,
                                                          "floor": sorted(floor)})
     for name, tie in (("probe_lora", None), ("probe_tied", "layers")):

@@ -143,8 +143,7 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
     if needs_ties(problem.sites, tie):  # a tie rule, or the layers of an nnx.scan stack
         labels, keys = tie_labels(problem.sites, tie, problem.pinned)
         solved = tie_problem(problem, labels)
-        extra["tie"] = {"rule": tie if isinstance(tie, str) or tie is None
-                        else getattr(tie, "__name__", "custom"), "groups": len(keys)}
+        extra["tie"] = _tie_record(tie, keys)
     gain, cost, mask, group = _device_arrays(solved)
     sol = lagrangian_allocate(gain, cost, mask, jnp.asarray(solved.budget, jnp.float32), group,
                               config=config)
@@ -158,6 +157,12 @@ def allocate(sites: Sequence[Site], utility, budgets: Mapping[str, float], *,
                   "timing_s": {"build": t1 - t0, "solve": t2 - t1}})
     _warn_if_empty(problem, choice)
     return to_plan(problem, choice, bound, "lagrangian", peft_options, extra)
+
+
+def _tie_record(tie, keys) -> dict[str, Any]:
+    """The plan's record of a tie rule: its name (a function's ``__name__``) and group count."""
+    rule = tie if isinstance(tie, str) or tie is None else getattr(tie, "__name__", "custom")
+    return {"rule": rule, "groups": len(keys)}
 
 
 def _allocate_over_depth(problem: Problem, profile: StepProfile, config: SolverConfig,
@@ -175,8 +180,7 @@ def _allocate_over_depth(problem: Problem, profile: StepProfile, config: SolverC
         labels, keys = tie_labels(problem.sites, tie, problem.pinned)
         base = tie_problem(problem, labels)
         subs = [None if sub is None else tie_problem(sub, labels) for sub in subs]
-        extra["tie"] = {"rule": tie if isinstance(tie, str) or tie is None
-                        else getattr(tie, "__name__", "custom"), "groups": len(keys)}
+        extra["tie"] = _tie_record(tie, keys)
     live = [d for d, sub in enumerate(subs) if sub is not None]
     gain, cost, _, _ = _device_arrays(base)
     stacked = [np.stack([getattr(subs[d], f) for d in live]) for f in ("mask", "budget", "group")]

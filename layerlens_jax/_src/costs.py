@@ -539,6 +539,21 @@ def cost_class(site: Site) -> str:
 # ------------------------------------------------------------------------------ calibration
 
 
+def fastest_ms(fn: Callable, *args, repeats: int,
+               timer: Callable[[], float] = time.perf_counter) -> float:
+    """Milliseconds of the fastest of ``repeats`` runs of ``fn(*args)`` (jitted by the caller)
+    after one warm-up (compile) call: the least disturbed run on a shared machine."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = timer()
+        jax.block_until_ready(fn(*args))
+        times.append(timer() - t0)
+    return float(np.min(times)) * 1e3
+
+
 def calibrate_latency(cost_model: CostModel | None = None, *, widths: Sequence[int] = (64, 256),
                       sizes: Sequence[int] = (4, 32), tokens: int = 512, repeats: int = 5,
                       timer: Callable[[], float] = time.perf_counter) -> CostModel:
@@ -562,14 +577,7 @@ def calibrate_latency(cost_model: CostModel | None = None, *, widths: Sequence[i
     key = jax.random.PRNGKey(0)
 
     def timed(fn, *args):
-        f = jax.jit(fn)
-        jax.block_until_ready(f(*args))
-        ts = []
-        for _ in range(repeats):
-            t0 = timer()
-            jax.block_until_ready(f(*args))
-            ts.append(timer() - t0)
-        return float(np.min(ts)) * 1e3
+        return fastest_ms(jax.jit(fn), *args, repeats=repeats, timer=timer)
 
     rows, ys = [], []
     for d in widths:

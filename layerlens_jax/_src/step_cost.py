@@ -65,9 +65,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layerlens_jax._src.costs import RESOURCES, CostModel
-from layerlens_jax._src.sites import (Site, get_submodule, set_submodule, split_example,
-                                     trace_site_calls)
+from layerlens_jax._src.costs import RESOURCES, CostModel, fastest_ms
+from layerlens_jax._src.sites import (Site, discover_sites, get_submodule, set_submodule,
+                                     split_example, trace_site_calls)
 
 __all__ = ["StepProfile", "site_call_order", "depth_groups", "measure_step_profile",
            "matmul_flops", "compiled_step_bytes", "site_depths", "plan_step_cost"]
@@ -256,22 +256,6 @@ def _probe_step(model, path, shape, dtype, loss_fn, batch):
     return mem - probe_bytes, flops
 
 
-def _timed_ms(fn: Callable, *args, repeats: int) -> float:
-    """Milliseconds of the fastest of ``repeats`` runs of the jitted ``fn(*args)`` after one
-    warm-up (the least disturbed on a shared machine; 0.0 when ``repeats`` is 0)."""
-    import time
-
-    if repeats <= 0:
-        return 0.0
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.min(times)) * 1e3
-
-
 def measure_step_profile(model: nnx.Module, loss_fn: Callable, batch: Any, *, example: Any,
                          timing_repeats: int = 5) -> StepProfile:
     """Measure the fixed parts ``M[d]`` and ``F[d]`` of every depth group (module docstring).
@@ -288,9 +272,8 @@ def measure_step_profile(model: nnx.Module, loss_fn: Callable, batch: Any, *, ex
     One compile per depth group (a probe step each) and one for the rank-1 fraction; seconds
     on a CPU for a MiniLM-size model.
     """
-    from layerlens_jax._src.sites import discover_sites
-
-    stacked = [s for s in discover_sites(model, example=example) if s.stacked_module]
+    sites = discover_sites(model, example=example)
+    stacked = [s for s in sites if s.stacked_module]
     if stacked:
         raise ValueError(f"measure_step_profile: site {stacked[0].path!r} is a layer of the "
                          f"nnx.scan stack {stacked[0].stacked_module!r}, whose layers cannot be "
@@ -315,7 +298,8 @@ def measure_step_profile(model: nnx.Module, loss_fn: Callable, batch: Any, *, ex
     args, kwargs = split_example(example)
     forward = lambda s: nnx.merge(graphdef, s)(*args, **kwargs)  # noqa: E731
     fwd = matmul_flops(jax.make_jaxpr(forward)(state))
-    forward_ms = _timed_ms(jax.jit(forward), state, repeats=timing_repeats)
+    forward_ms = (fastest_ms(jax.jit(forward), state, repeats=timing_repeats)
+                  if timing_repeats > 0 else 0.0)
     mem.append(mem[-1])
     flops.append(fwd / tokens)
     mem = np.maximum.accumulate(np.asarray(mem)[::-1])[::-1]  # non-increasing in d
@@ -324,10 +308,11 @@ def measure_step_profile(model: nnx.Module, loss_fn: Callable, batch: Any, *, ex
                           train_flops=tuple(map(float, flops)), forward_flops=fwd / tokens,
                           batch_size=int(lead[0]), seq_len=int(lead[1]) if len(lead) > 1 else 1,
                           forward_ms=forward_ms)
-    return _with_rank1_fraction(profile, model, loss_fn, batch, example)
+    return _with_rank1_fraction(profile, model, sites, loss_fn, batch, example)
 
 
-def _with_rank1_fraction(profile: StepProfile, model, loss_fn, batch, example) -> StepProfile:
+def _with_rank1_fraction(profile: StepProfile, model, sites: Sequence[Site], loss_fn, batch,
+                         example) -> StepProfile:
     """``profile`` with its measured ``rank1_input_fraction`` in ``[0, 1]``.
 
     One compile: LoRA rank 1 on every LoRA-able, non-embedding, unstacked site (the widest plan).
@@ -343,10 +328,8 @@ def _with_rank1_fraction(profile: StepProfile, model, loss_fn, batch, example) -
     from layerlens_jax._src.costs import option_costs
     from layerlens_jax._src.methods import METHOD_KINDS
     from layerlens_jax._src.peft import apply_plan
-    from layerlens_jax._src.sites import discover_sites
     from layerlens_jax._src.train import make_functional_train_step
 
-    sites = discover_sites(model, example=example)
     chosen = np.array([s.kind in METHOD_KINDS["lora"] and s.kind != "embedding"
                        and "lora" not in dict(s.build_refusals) and not s.stacked_module
                        and s.path in profile.depth for s in sites])

@@ -463,7 +463,7 @@ def _run_steps(prep: Prepared, variant: str, seed: int, model, step, state, *, p
         if hook is not None:
             th = time.perf_counter()
             step, state = hook(i, model, step, state)
-            eval_seconds += time.perf_counter() - th if i > 0 else 0.0
+            eval_seconds += time.perf_counter() - th
         if (i + 1) % every == 0 or i + 1 == steps:
             recent = float(np.mean(jax.device_get(list(window))))
             _check_divergence(cfg, variant, seed, i + 1, recent, initial)

@@ -74,7 +74,8 @@ def reallocation_hook(prep, variant: str, plan, sites: Sequence, *, at: Sequence
         u = merged_utility(model, classification_loss, batches, sites, config=ucfg,
                            max_batches=cfg.profile.batches, progress=False)
         new = reallocate_plan(model, current["plan"], sites, u, **dict(allocate_options or {}))
-        changes = resize_lora(model, lora_ranks(new), seed=cfg.run.seed + i + 1)
+        ranks = lora_ranks(new)
+        changes = resize_lora(model, ranks, seed=cfg.run.seed + i + 1)
         tx = variant_tx(prep, variant)
         new_step, fresh = variant_step(prep, variant, model, wrt, make_step)
         state = fresh._replace(step=state.step, opt_state=transfer_optimizer_state(
@@ -83,7 +84,7 @@ def reallocation_hook(prep, variant: str, plan, sites: Sequence, *, at: Sequence
         current["plan"] = new
         log.append(Reallocation(step=i + 1, seconds=time.perf_counter() - t0,
                                 changes={k: v for k, v in changes.items()
-                                         if not (v == "kept" and not lora_ranks(new).get(k))},
+                                         if not (v == "kept" and not ranks.get(k))},
                                 params=float(new.use["params"])))
         return new_step, state
 

@@ -31,8 +31,8 @@ from scipy import stats as sps
 from layerlens_jax._src.costs import trainable_params
 from layerlens_jax._src.sites import Site
 
-__all__ = ["TARGET_SETS", "uniform_candidates", "widest_uniform", "widest_floor", "run_key", "best_by_validation",
-           "PairedDifference", "paired_difference"]
+__all__ = ["TARGET_SETS", "targeted", "uniform_candidates", "widest_uniform", "widest_floor",
+           "run_key", "best_by_validation", "PairedDifference", "paired_difference"]
 
 #: LoRA target sets of the uniform baselines, by the last component of a site's path.
 TARGET_SETS: dict[str, tuple[str, ...]] = {
@@ -41,6 +41,11 @@ TARGET_SETS: dict[str, tuple[str, ...]] = {
     "ffn": ("intermediate", "output"),
     "all": ("query", "key", "value", "out", "intermediate", "output"),
 }
+
+
+def targeted(sites: Sequence[Site], targets: Sequence[str]) -> list[Site]:
+    """The ``linear`` sites whose last path component is in ``targets`` (a uniform target set)."""
+    return [s for s in sites if s.kind == "linear" and s.path.rsplit("/", 1)[-1] in targets]
 
 
 def uniform_candidates(sites: Sequence[Site], budget_params: float,
@@ -60,7 +65,7 @@ def uniform_candidates(sites: Sequence[Site], budget_params: float,
     """
     out = {}
     for name, targets in target_sets.items():
-        chosen = [s for s in sites if s.kind == "linear" and s.path.rsplit("/", 1)[-1] in targets]
+        chosen = targeted(sites, targets)
         if not chosen:
             continue
         per_rank = sum(trainable_params(s, "lora", 1) for s in chosen)
@@ -85,8 +90,7 @@ def widest_uniform(sites: Sequence[Site], budget_params: float,
     best = None
     for name, (targets, rank, params) in uniform_candidates(sites, budget_params,
                                                            target_sets).items():
-        width = sum(1 for s in sites if s.kind == "linear" and s.path.rsplit("/", 1)[-1]
-                    in targets)
+        width = len(targeted(sites, targets))
         if best is None or (width, params) > best[0]:
             best = ((width, params), (name, targets, rank, params))
     return None if best is None else best[1]
@@ -101,7 +105,7 @@ def widest_floor(sites: Sequence[Site], budget_params: float,
     if widest is None:
         return {}
     targets = widest[1]
-    return {s.path: 1 for s in sites if s.kind == "linear" and s.path.rsplit("/", 1)[-1] in targets}
+    return {s.path: 1 for s in targeted(sites, targets)}
 
 
 def run_key(settings: Mapping[str, Any]) -> str:
