@@ -132,7 +132,7 @@ def predictive_validity(prep, stats, u, steps: int, lr: float) -> dict:
 PLAN_VARIANTS = ("layerlens_lora", "layerlens_mixed", "spectral_frobenius", "spectral_nuclear",
                  "spectral_breadth", "tied_lora", "tied_spectral", "probe_lora", "probe_tied",
                  "fill_lora", "fill_tied", "realloc_fill", "realloc_lora", "eva", "eva_rho2",
-                 "adalora")
+                 "adalora", "gora", "gora_fill")
 DEFAULT_VARIANTS = ("uniform:qv", "uniform:qkvo", "uniform:ffn", "uniform:all") + PLAN_VARIANTS + (
     "head_only", "full")
 
@@ -174,6 +174,22 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
                                                "use_rslora": a.use_rslora}, tie=tie)
             out[name] = dataclasses.replace(out[name], metadata={
                 **out[name].metadata, "allocate_seconds": time.perf_counter() - t0})
+    for name, fill in (("gora", False), ("gora_fill", True)):
+        # GoRA (layerlens_jax._src.gora): all linear layers scored by mean |W * G|, ranks by
+        # share; gora_fill spends what its floor leaves by the largest remainder
+        if name not in variants or getattr(spectra, "weight_gradient", None) is None:
+            continue
+        from layerlens_jax._src.gora import gora_ranks
+        from layerlens_jax.app.sweep import TARGET_SETS, targeted
+        t0 = time.perf_counter()
+        row = {path: i for i, path in enumerate(spectra.sites)}
+        wg = spectra.weight_gradient
+        targets = [x for x in targeted(sites, TARGET_SETS["all"]) if np.isfinite(wg[row[x.path]])]
+        ranks = gora_ranks(targets, [wg[row[x.path]] for x in targets], budget, fill=fill)
+        out[name] = Plan.from_assignments(
+            sites, {path: ("lora", r) for path, r in ranks.items() if r > 0}, u,
+            peft_options=ref_opts, metadata={"variant": name,
+                                             "allocate_seconds": time.perf_counter() - t0})
     floor = widest_floor(sites, budget)
     for name, tie in (("fill_lora", None), ("fill_tied", "layers")):
         # the widest uniform set at rank 1 is mandatory; utility spends the rest of the budget.

@@ -68,6 +68,8 @@ def test_gradient_spectra_match_svd_of_the_reference_gradient():
 
     grads = {k.removesuffix("/value"): np.asarray(v, np.float64)
              for k, v in flatten_paths(nnx.state(nnx.grad(mean_loss)(model))).items()}
+    weights = {k.removesuffix("/value"): np.asarray(v, np.float64)
+               for k, v in flatten_paths(nnx.state(model, nnx.Param)).items()}
     checked = 0
     for i, site in enumerate(sites):
         if site.kind != "linear":
@@ -77,7 +79,11 @@ def test_gradient_spectra_match_svd_of_the_reference_gradient():
         ref = np.linalg.svd(g, compute_uv=False)[:8]
         np.testing.assert_allclose(spectra.values[i, :len(ref)], ref, rtol=2e-4,
                                    atol=1e-6 * ref[0], err_msg=site.path)
+        w = weights[f"{site.path}/kernel"].reshape(g.shape)
+        np.testing.assert_allclose(spectra.weight_gradient[i], np.abs(w * g).mean(), rtol=2e-4,
+                                   err_msg=site.path)  # GoRA's importance, same mean gradient
         checked += 1
+    assert np.isnan(spectra.weight_gradient[[s.kind != "linear" for s in sites]]).all()
     assert checked >= 10  # query/key/value (3-D LinearGeneral kernels), out, FFN, pooler, head
 
 

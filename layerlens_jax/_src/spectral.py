@@ -47,9 +47,14 @@ class GradientSpectra:
     sites: tuple[str, ...]  # site paths, in the order of ``values``' rows
     values: np.ndarray  # [S, K] float64, descending; zero-padded; NaN rows: no 2-D kernel
     num_examples: int  # examples the mean gradient was taken over
+    # [S] mean |W * G| over the kernel's entries (GoRA's importance, layerlens_jax._src.gora);
+    # NaN where ``values`` is NaN
+    weight_gradient: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"sites": list(self.sites), "num_examples": self.num_examples,
+                **({} if self.weight_gradient is None else {"weight_gradient": [
+                    None if not np.isfinite(x) else float(x) for x in self.weight_gradient]}),
                 "values": [[None if not np.isfinite(x) else float(x) for x in row]
                            for row in self.values]}
 
@@ -88,12 +93,14 @@ def gradient_spectra(model: nnx.Module, loss_fn: Callable, batches: Iterable[Map
       top_k: how many singular values to keep per site.
 
     Returns:
-      :class:`GradientSpectra` with rows in the order of ``sites``.
+      :class:`GradientSpectra` with rows in the order of ``sites`` (``weight_gradient``: each
+      site's mean ``|W * G|``, from the same mean gradient).
 
     Raises:
       ValueError: no batch, no example, or a non-finite gradient (naming the site).
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    weights = {k.removesuffix("/value"): v for k, v in flatten_paths(params).items()}
 
     @jax.jit
     def batch_grad(params, rest, batch):
@@ -115,16 +122,20 @@ def gradient_spectra(model: nnx.Module, loss_fn: Callable, batches: Iterable[Map
         raise ValueError("gradient_spectra: no batch (or no example) was given")
     flat = {k.removesuffix("/value"): v for k, v in flatten_paths(acc).items()}
     values = np.full((len(sites), top_k), np.nan)
+    weight_gradient = np.full(len(sites), np.nan)
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, site in enumerate(sites):
         shape = _kernel_matrix_shape(site)
         if shape is not None and f"{site.path}/kernel" in flat:
             by_shape.setdefault(shape, []).append(i)
     svd = jax.jit(jax.vmap(lambda m: jnp.linalg.svd(m, compute_uv=False)))
+    mean_abs = jax.jit(jax.vmap(lambda w, g: jnp.mean(jnp.abs(w * g))))
     for shape, idx in by_shape.items():
         stacked = jnp.stack([flat[f"{sites[i].path}/kernel"].reshape(shape) for i in idx])
         stacked = stacked.astype(jnp.float32) / n
         s = np.asarray(svd(stacked), np.float64)
+        w = jnp.stack([weights[f"{sites[i].path}/kernel"].reshape(shape) for i in idx])
+        weight_gradient[idx] = np.asarray(mean_abs(w.astype(jnp.float32), stacked), np.float64)
         bad = ~np.isfinite(s).all(axis=1)
         if bad.any():
             raise ValueError(f"gradient_spectra: non-finite gradient at site "
@@ -132,7 +143,8 @@ def gradient_spectra(model: nnx.Module, loss_fn: Callable, batches: Iterable[Map
         k = min(top_k, s.shape[1])
         values[idx, :] = 0.0
         values[idx, :k] = s[:, :k]
-    return GradientSpectra(sites=tuple(s.path for s in sites), values=values, num_examples=int(n))
+    return GradientSpectra(sites=tuple(s.path for s in sites), values=values, num_examples=int(n),
+                           weight_gradient=weight_gradient)
 
 
 def spectral_curve(values: np.ndarray, ranks: Sequence[int], norm: str = "frobenius") -> np.ndarray:
