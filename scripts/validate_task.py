@@ -507,6 +507,49 @@ def _spectra(prep, stats):
                             max_batches=cfg.profile.batches)
 
 
+def _profile_seconds(timing: dict, variant: str) -> float:
+    """The task-level measurement a variant's plan needs: utility profile, plus the gradient
+    spectra (spectral / GoRA plans), EVA's input statistics or the probe run; 0 for uniform."""
+    if variant.startswith("uniform") or variant in ("head_only", "full", "adalora"):
+        return 0.0
+    extra = {"spectral": "spectra_seconds", "tied_spectral": "spectra_seconds",
+             "gora": "spectra_seconds", "eva": "eva_seconds", "probe": "probe_seconds"}
+    key = next((k for prefix, k in extra.items() if variant.startswith(prefix)), None)
+    return timing.get("profile_seconds", 0.0) + (timing.get(key, 0.0) if key else 0.0)
+
+
+def _plan_table(store, spec, scale, runs, variants) -> list[str]:
+    """Plan metrics (plan_metrics) and the wall clock split of each variant at one budget."""
+    plans = store.get("plans", {}).get(f"{spec}@{scale}", {})
+    timing = store.get("timing", {}).get(spec, {})
+    rows = []
+    for v in variants:
+        if v not in plans:
+            continue
+        m = plans[v].get("metrics", {})
+        vr = [r for r in runs if r["variant"] == v]
+        train = float(np.mean([r["train_seconds"] for r in vr]))
+        realloc = float(np.mean([r.get("reallocate_seconds", 0.0) for r in vr]))
+        prof, alloc = _profile_seconds(timing, v), plans[v].get("allocate_seconds", 0.0)
+        over = (prof + alloc + realloc) / train if train > 0 else float("nan")
+        def num(key, scale=1.0, digits=2):
+            x = m.get(key)
+            return "—" if x is None or not np.isfinite(x) else f"{scale * x:.{digits}f}"
+        rows.append(f"| {v} | {m.get('n_adapted', '—')} | {num('binding_utilisation', 100, 1)} | "
+                    f"{num('spearman')} | {num('consistency_overall')} | "
+                    f"{num('compatibility_rate')} | {m.get('method_diversity', '—')} | "
+                    f"{prof:.1f} | {alloc:.2f} | {realloc:.1f} | {train:.0f} | {100 * over:.1f} |")
+    if not rows:
+        return []
+    return ["Plans (plan_metrics) and wall clock (seconds; profile: the task's measurement the plan "
+            "needs, shared by its seeds and budgets; overhead = (profile + allocate + reallocate) "
+            "/ train):\n",
+            "| variant | adapted sites | budget used % | rank–utility Spearman | consistency | "
+            "compatibility | methods | profile s | allocate s | reallocate s | train s | "
+            "overhead % |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
 def render(store) -> str:
     from layerlens_jax.app.sweep import best_by_validation, paired_difference
 
@@ -547,6 +590,7 @@ def render(store) -> str:
                              f"{vloss.mean():.4f} | {len(vr)} | {vr[0]['adapter_params'] or '—'} | "
                              f"{np.mean([r['train_seconds'] for r in vr]):.0f} | {ci} |")
             lines.append("")
+            lines += _plan_table(store, spec, scale, rs, variants)
     if summary:
         lines.append("## Mean over tasks: plan − best uniform (test points)\n")
         lines.append("| budget | variant | tasks | mean Δ | per task |")
