@@ -133,6 +133,15 @@ def test_linen_train_step_base_bit_identical(batch):
     out = linen_variables(state)
     assert bits(partition_params(out["params"])[1]) == base_before
     assert count_trainable(out) == count_trainable(variables)
+    # the same run compiled with XLA's default options: same losses to float32 round-off
+    step0, state0 = make_linen_train_step(wrapped, variables, optax.adam(3e-2), per_example_loss,
+                                          compiler_options=None)
+    assert step0.compiler_options is None
+    losses0 = []
+    for _ in range(STEPS):
+        state0, metrics = step0(state0, batch)
+        losses0.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, losses0, rtol=1e-5)
 
 
 def test_masked_tx_and_labels():

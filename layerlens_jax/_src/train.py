@@ -223,16 +223,20 @@ class LinenTrainState(NamedTuple):
 
 def make_linen_train_step(module: nn.Module, variables: Mapping, tx: optax.GradientTransformation,
                           loss_fn: Callable, *, has_aux: bool = False, donate: bool = True,
-                          rng_collections: tuple[str, ...] = ()
+                          rng_collections: tuple[str, ...] = (),
+                          compiler_options: Mapping[str, str] | None | str = "auto"
                           ) -> tuple[Callable, LinenTrainState]:
     """``(step, state)`` for a Linen module (e.g. a ``PeftLinen``) and its variables.
 
     ``loss_fn(bound_module, batch)`` gets ``module.bind(variables)``; ``step(state, batch, rngs=None)
     -> (state, metrics)``. Only the ``peft_*`` leaves of ``params`` are trained. ``rngs`` (a dict
-    of keys, e.g. ``{"dropout": key}``) is passed to ``bind``.
+    of keys, e.g. ``{"dropout": key}``) is passed to ``bind``. ``compiler_options``: as for
+    :func:`make_functional_train_step`.
     """
     params = variables["params"]
     trainable, frozen = partition_params(params)
+    if compiler_options == "auto":
+        compiler_options = default_compiler_options(trainable, frozen)
     if donate:
         trainable = jax.tree.map(jnp.copy, trainable)
     if not jax.tree.leaves(trainable):
@@ -251,14 +255,18 @@ def make_linen_train_step(module: nn.Module, variables: Mapping, tx: optax.Gradi
         trainable = optax.apply_updates(trainable, updates)
         return trainable, opt_state, count + 1, _metrics(loss, grads, aux)
 
-    jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    donate_argnums = (0, 1) if donate else ()
+    jitted = jax.jit(step, donate_argnums=donate_argnums)
+    top = jax.jit(step, donate_argnums=donate_argnums,
+                  compiler_options=dict(compiler_options)) if compiler_options else jitted
 
     def run(state: LinenTrainState, batch, rngs=None):
-        tr, opt, count, metrics = jitted(state.trainable, state.opt_state, state.step,
-                                         state.frozen, state.other, batch, rngs)
+        tr, opt, count, metrics = top(state.trainable, state.opt_state, state.step,
+                                      state.frozen, state.other, batch, rngs)
         return LinenTrainState(tr, state.frozen, state.other, opt, count), metrics
 
-    run.jitted = jitted
+    run.jitted = jitted  # lowering / nesting, XLA's default options
+    run.compiler_options = compiler_options
     return run, state
 
 
