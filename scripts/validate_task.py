@@ -363,7 +363,7 @@ def main():
             for field in ("runs", "plans", "utility", "predictive", "timing"):
                 store[field] = {**store.get(field, {}), **other.get(field, {})}
             store.setdefault("commands", []).append(other.get("command", ""))
-        store["command"] = "merged: " + "; ".join(c for c in store["commands"] if c)
+        store["command"] = "merged: " + "; ".join(c for c in store.get("commands", []) if c)
         write_json(store_path, store)
     if args.render or args.merge:
         md = render(store)
