@@ -132,7 +132,7 @@ def predictive_validity(prep, stats, u, steps: int, lr: float) -> dict:
 PLAN_VARIANTS = ("layerlens_lora", "layerlens_mixed", "spectral_frobenius", "spectral_nuclear",
                  "spectral_breadth", "tied_lora", "tied_spectral", "probe_lora", "probe_tied",
                  "fill_lora", "fill_tied", "realloc_fill", "realloc_lora", "eva", "eva_rho2",
-                 "adalora", "gora", "gora_fill")
+                 "adalora", "gora", "gora_fill", "gora_gain")
 DEFAULT_VARIANTS = ("uniform:qv", "uniform:qkvo", "uniform:ffn", "uniform:all") + PLAN_VARIANTS + (
     "head_only", "full")
 
@@ -190,6 +190,21 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
             sites, {path: ("lora", r) for path, r in ranks.items() if r > 0}, u,
             peft_options=ref_opts, metadata={"variant": name,
                                              "allocate_seconds": time.perf_counter() - t0})
+    if "gora_gain" in variants and getattr(spectra, "weight_gradient", None) is not None:
+        # GoRA's importance as the utility of LayerLens's allocator (its gain model and LoRA
+        # ranks) over the same linear targets, at gora_fill's LoRA scaling: signal vs rule
+        from layerlens_jax.app.sweep import TARGET_SETS, targeted
+        t0 = time.perf_counter()
+        row = {path: i for i, path in enumerate(spectra.sites)}
+        wg = spectra.weight_gradient
+        chosen = {x.path for x in targeted(sites, TARGET_SETS["all"])}
+        ug = np.array([wg[row[x.path]] if x.path in chosen and np.isfinite(wg[row[x.path]])
+                       else 0.0 for x in sites])
+        out["gora_gain"] = allocate(sites, ug / ug.max(), {"params": budget},
+                                    catalogue=Catalogue.from_sizes(lora=a.lora_ranks),
+                                    gain_model=a.gain_model(), peft_options=ref_opts)
+        out["gora_gain"] = dataclasses.replace(out["gora_gain"], metadata={
+            **out["gora_gain"].metadata, "allocate_seconds": time.perf_counter() - t0})
     floor = widest_floor(sites, budget)
     for name, tie in (("fill_lora", None), ("fill_tied", "layers")):
         # the widest uniform set at rank 1 is mandatory; utility spends the rest of the budget.
@@ -360,8 +375,11 @@ def main():
                 print(f"{d}: no validation.json (no finished run), skipped", file=sys.stderr)
                 continue
             other = json.loads((Path(d) / "validation.json").read_text())
-            for field in ("runs", "plans", "utility", "predictive", "timing"):
+            for field in ("runs", "utility", "predictive", "timing"):
                 store[field] = {**store.get(field, {}), **other.get(field, {})}
+            plans = store.setdefault("plans", {})  # per task@budget, the union of the variants
+            for key, by_variant in other.get("plans", {}).items():
+                plans[key] = {**plans.get(key, {}), **by_variant}
             store.setdefault("commands", []).append(other.get("command", ""))
         store["command"] = "merged: " + "; ".join(c for c in store.get("commands", []) if c)
         write_json(store_path, store)
