@@ -21,7 +21,6 @@ Results are stored per run (keyed by a hash of its settings) in ``--out``/vram.j
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import sys

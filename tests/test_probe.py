@@ -1,7 +1,6 @@
 """Probe utility: per-site first-order loss decrease of probe adapters, against a plain Python
 loop over optax and per-site string matching."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

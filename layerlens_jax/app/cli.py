@@ -228,8 +228,8 @@ def stage_train(ctx: StageContext) -> StageOutcome:
     main_seed = ctx.cfg.compare.seeds[0]
     for d in diverged:
         if d["variant"] == main and d["seed"] == main_seed:
-            raise DivergenceError(d["message"] + f"; no checkpoint written (results.json "
-                                  f"records it)", **{k: d[k] for k in ("variant", "seed", "step",
+            raise DivergenceError(d["message"] + "; no checkpoint written (results.json "
+                                  "records it)", **{k: d[k] for k in ("variant", "seed", "step",
                                                                        "loss", "initial_loss")})
     return StageOutcome(outputs=(ctx.out / "results.json",
                                  ctx.out / "checkpoint" / "manifest.json"), problems=problems)
