@@ -174,32 +174,24 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
                                                "use_rslora": a.use_rslora}, tie=tie)
             out[name] = dataclasses.replace(out[name], metadata={
                 **out[name].metadata, "allocate_seconds": time.perf_counter() - t0})
+    importance = _gora_importance(sites, spectra)  # {path: mean |W * G|} of the linear targets
     for name, fill in (("gora", False), ("gora_fill", True)):
-        # GoRA (layerlens_jax._src.gora): all linear layers scored by mean |W * G|, ranks by
-        # share; gora_fill spends what its floor leaves by the largest remainder
-        if name not in variants or getattr(spectra, "weight_gradient", None) is None:
-            continue
-        from layerlens_jax._src.gora import gora_ranks
-        from layerlens_jax.app.sweep import TARGET_SETS, targeted
-        t0 = time.perf_counter()
-        row = {path: i for i, path in enumerate(spectra.sites)}
-        wg = spectra.weight_gradient
-        targets = [x for x in targeted(sites, TARGET_SETS["all"]) if np.isfinite(wg[row[x.path]])]
-        ranks = gora_ranks(targets, [wg[row[x.path]] for x in targets], budget, fill=fill)
-        out[name] = Plan.from_assignments(
-            sites, {path: ("lora", r) for path, r in ranks.items() if r > 0}, u,
-            peft_options=ref_opts, metadata={"variant": name,
-                                             "allocate_seconds": time.perf_counter() - t0})
-    if "gora_gain" in variants and getattr(spectra, "weight_gradient", None) is not None:
+        # GoRA (layerlens_jax._src.gora): ranks by share of the importance; gora_fill spends what
+        # its floor leaves by the largest remainder
+        if name in variants and importance:
+            from layerlens_jax._src.gora import gora_ranks
+            t0 = time.perf_counter()
+            targets = [x for x in sites if x.path in importance]
+            ranks = gora_ranks(targets, [importance[x.path] for x in targets], budget, fill=fill)
+            out[name] = Plan.from_assignments(
+                sites, {path: ("lora", r) for path, r in ranks.items() if r > 0}, u,
+                peft_options=ref_opts, metadata={"variant": name,
+                                                 "allocate_seconds": time.perf_counter() - t0})
+    if "gora_gain" in variants and importance:
         # GoRA's importance as the utility of LayerLens's allocator (its gain model and LoRA
         # ranks) over the same linear targets, at gora_fill's LoRA scaling: signal vs rule
-        from layerlens_jax.app.sweep import TARGET_SETS, targeted
         t0 = time.perf_counter()
-        row = {path: i for i, path in enumerate(spectra.sites)}
-        wg = spectra.weight_gradient
-        chosen = {x.path for x in targeted(sites, TARGET_SETS["all"])}
-        ug = np.array([wg[row[x.path]] if x.path in chosen and np.isfinite(wg[row[x.path]])
-                       else 0.0 for x in sites])
+        ug = np.array([importance.get(x.path, 0.0) for x in sites])
         out["gora_gain"] = allocate(sites, ug / ug.max(), {"params": budget},
                                     catalogue=Catalogue.from_sizes(lora=a.lora_ranks),
                                     gain_model=a.gain_model(), peft_options=ref_opts)
@@ -248,6 +240,19 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
                                  metadata={"variant": name, "rho": rho,
                                            "allocate_seconds": time.perf_counter() - t0})
     return out
+
+
+def _gora_importance(sites, spectra) -> dict[str, float]:
+    """GoRA's importance (``spectra.weight_gradient``) of the linear layers of the "all" target set
+    that have one; {} without spectra."""
+    from layerlens_jax.app.sweep import TARGET_SETS, targeted
+
+    wg = getattr(spectra, "weight_gradient", None)
+    if wg is None:
+        return {}
+    row = {path: i for i, path in enumerate(spectra.sites)}
+    return {x.path: float(wg[row[x.path]]) for x in targeted(sites, TARGET_SETS["all"])
+            if x.path in row and np.isfinite(wg[row[x.path]])}
 
 
 def _eva_adapt(prep, plan, eva):
