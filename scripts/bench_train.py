@@ -70,7 +70,8 @@ from flax import nnx  # noqa: E402
 
 from layerlens_jax._src.peft import PEFT_FILTER, apply_plan  # noqa: E402
 from layerlens_jax._src.sites import discover_sites  # noqa: E402
-from layerlens_jax._src.train import make_functional_train_step, matmul_flops  # noqa: E402
+from layerlens_jax._src.train import (CPU_PEFT_COMPILER_OPTIONS,  # noqa: E402
+                                      make_functional_train_step, matmul_flops)
 from layerlens_jax.app import pipeline  # noqa: E402
 from layerlens_jax.app import plans as plans_module  # noqa: E402
 from layerlens_jax.app.config import load_config  # noqa: E402
@@ -85,7 +86,7 @@ VARIANTS = ("uniform_lora", "layerlens_lora", "layerlens_mixed", "full")
 XLA_CPU_OPTIONS = {
     "XLA defaults": None,
     "dots only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-    "no YNNPACK fusions": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "no YNNPACK fusions": CPU_PEFT_COMPILER_OPTIONS,
     "auto": "auto"}
 
 

@@ -159,6 +159,18 @@ def default_compiler_options(trainable: Any, frozen: Any) -> dict[str, str] | No
     return dict(CPU_PEFT_COMPILER_OPTIONS)
 
 
+def _step_jits(step: Callable, donate_argnums: tuple[int, ...],
+               compiler_options: Mapping[str, str] | None) -> tuple[Callable, Callable]:
+    """``(top, jitted)``: the jit a train step's ``run`` calls (with ``compiler_options``) and the
+    plain one exposed as ``run.jitted``. Compile options apply to a top-level jit only, so the
+    plain one stays usable inside other transformations (vmap, make_jaxpr, an outer jit)."""
+    jitted = jax.jit(step, donate_argnums=donate_argnums)
+    if not compiler_options:
+        return jitted, jitted
+    return jax.jit(step, donate_argnums=donate_argnums,
+                   compiler_options=dict(compiler_options)), jitted
+
+
 def make_functional_train_step(model: nnx.Module, tx: optax.GradientTransformation,
                                loss_fn: Callable, *, wrt: Any = PEFT_FILTER,
                                has_aux: bool = False, donate: bool = True,
@@ -190,12 +202,7 @@ def make_functional_train_step(model: nnx.Module, tx: optax.GradientTransformati
         trainable = optax.apply_updates(trainable, updates)
         return trainable, opt_state, new_other, count + 1, _metrics(loss, grads, aux)
 
-    donate_argnums = (0, 1, 2) if donate else ()
-    jitted = jax.jit(step, donate_argnums=donate_argnums)
-    # compile options apply to a top-level jit only: ``run`` calls its own, ``run.jitted`` (plain)
-    # stays usable inside other transformations (vmap, make_jaxpr, an outer jit)
-    top = jax.jit(step, donate_argnums=donate_argnums,
-                  compiler_options=dict(compiler_options)) if compiler_options else jitted
+    top, jitted = _step_jits(step, (0, 1, 2) if donate else (), compiler_options)
 
     def run(state: TrainState, batch) -> tuple[TrainState, dict]:
         tr, opt, oth, count, metrics = top(state.trainable, state.opt_state, state.other,
@@ -255,10 +262,7 @@ def make_linen_train_step(module: nn.Module, variables: Mapping, tx: optax.Gradi
         trainable = optax.apply_updates(trainable, updates)
         return trainable, opt_state, count + 1, _metrics(loss, grads, aux)
 
-    donate_argnums = (0, 1) if donate else ()
-    jitted = jax.jit(step, donate_argnums=donate_argnums)
-    top = jax.jit(step, donate_argnums=donate_argnums,
-                  compiler_options=dict(compiler_options)) if compiler_options else jitted
+    top, jitted = _step_jits(step, (0, 1) if donate else (), compiler_options)
 
     def run(state: LinenTrainState, batch, rngs=None):
         tr, opt, count, metrics = top(state.trainable, state.opt_state, state.step,
