@@ -574,7 +574,7 @@ def _plan_table(store, spec, scale, runs, variants) -> list[str]:
 
 
 def render(store) -> str:
-    from layerlens_jax.app.sweep import best_by_validation, paired_difference
+    from layerlens_jax.app.sweep import best_by_validation, paired_difference, pooled_difference
 
     runs = list(store["runs"].values()) if isinstance(store["runs"], dict) else store["runs"]
     lines = [f"# Task validation\n\nreproduce: `{store.get('command', '')}`\n",
@@ -608,22 +608,30 @@ def render(store) -> str:
                 ci = "" if d is None else (f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"
                                            + (" *" if d.excludes_zero else ""))
                 if d is not None and not v.startswith("uniform") and scale > 0:
-                    summary.append((spec, scale, v, d))
+                    summary.append((spec, scale, v, d, (vr, [r for r in rs if r["variant"] == best])))
                 lines.append(f"| {v} | {acc.mean():.2f} ± {acc.std():.2f} | ({val.mean():.2f}) | "
                              f"{vloss.mean():.4f} | {len(vr)} | {vr[0]['adapter_params'] or '—'} | "
                              f"{np.mean([r['train_seconds'] for r in vr]):.0f} | {ci} |")
             lines.append("")
             lines += _plan_table(store, spec, scale, rs, variants)
     if summary:
-        lines.append("## Mean over tasks: plan − best uniform (test points)\n")
-        lines.append("| budget | variant | tasks | mean Δ | per task |")
-        lines.append("|---:|---|---:|---:|---|")
-        for scale in sorted({s for _, s, _, _ in summary}, reverse=True):
-            for v in dict.fromkeys(v for _, s, v, _ in summary if s == scale):
-                ds = [(t, d) for t, s, vv, d in summary if s == scale and vv == v]
-                per = ", ".join(f"{t} {d.mean:+.2f}" for t, d in ds)
-                lines.append(f"| {scale:g} | {v} | {len(ds)} | "
-                             f"{np.mean([d.mean for _, d in ds]):+.2f} | {per} |")
+        lines.append("## Mean over tasks: plan − best uniform\n")
+        lines.append("Per seed, the mean over the tasks of the paired difference; the interval is the "
+                     "95 % paired-t interval of those per-seed means (seeds shared by every task "
+                     "only). Validation: the same on the validation split.\n")
+        lines.append("| budget | variant | tasks | mean Δ test [95 % CI] | mean Δ val [95 % CI] "
+                     "| seeds | per task (test) |")
+        lines.append("|---:|---|---:|---|---|---:|---|")
+        for scale in sorted({s for _, s, _, _, _ in summary}, reverse=True):
+            for v in dict.fromkeys(v for _, s, v, _, _ in summary if s == scale):
+                rows = [(t, d, pair) for t, s, vv, d, pair in summary if s == scale and vv == v]
+                pairs = [pair for _, _, pair in rows]
+                test, val = pooled_difference(pairs), pooled_difference(pairs, key="val_accuracy")
+                per = ", ".join(f"{t} {d.mean:+.2f}" for t, d, _ in rows)
+                cell = lambda d: "—" if d is None else (
+                    f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]" + (" *" if d.excludes_zero else ""))
+                lines.append(f"| {scale:g} | {v} | {len(rows)} | {cell(test)} | {cell(val)} | "
+                             f"{len(test.seeds) if test else 0} | {per} |")
         lines.append("")
     return "\n".join(lines)
 

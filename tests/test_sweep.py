@@ -8,7 +8,8 @@ import pytest
 from scipy import stats as sps
 
 import layerlens_jax as ll
-from layerlens_jax.app.sweep import (best_by_validation, paired_difference, run_key,
+from layerlens_jax.app.sweep import (best_by_validation, paired_difference, pooled_difference,
+                                    run_key,
                                      uniform_candidates, widest_uniform)
 
 D, F, LAYERS = 384, 1536, 6  # MiniLM-L6 shapes
@@ -87,3 +88,20 @@ def test_paired_difference_matches_scipy_paired_t():
     assert d.excludes_zero == (ci.low > 0 or ci.high < 0)
     one = paired_difference(a[:1], b[:1])
     assert math.isnan(one.low) and paired_difference(a, [{"seed": 7, "test_accuracy": 1}]) is None
+
+
+def test_pooled_difference_is_the_paired_t_of_per_seed_task_means():
+    rng = np.random.default_rng(1)
+    acc = rng.uniform(0.7, 0.95, (3, 2, 5))  # task, variant, seed
+    runs = lambda t, v, seeds: [{"seed": s, "val_accuracy": acc[t, v, s]} for s in seeds]
+    # task 2 lacks seed 4 of variant a: seed 4 leaves the pooled statistic
+    pairs = [(runs(0, 0, range(5)), runs(0, 1, range(5))), (runs(1, 0, range(5)), runs(1, 1, range(5))),
+             (runs(2, 0, range(4)), runs(2, 1, range(5)))]
+    d = pooled_difference(pairs, key="val_accuracy")
+    per_seed = 100 * (acc[:, 0, :4] - acc[:, 1, :4]).mean(axis=0)  # mean over tasks, seeds 0-3
+    ci = sps.ttest_1samp(per_seed, 0.0).confidence_interval(0.95)
+    assert d.seeds == (0, 1, 2, 3) and d.mean == pytest.approx(per_seed.mean())
+    assert (d.low, d.high) == pytest.approx((ci.low, ci.high))
+    # one task: the ordinary paired difference
+    assert pooled_difference(pairs[:1], key="val_accuracy") == paired_difference(*pairs[0], key="val_accuracy")
+    assert pooled_difference([]) is None

@@ -13,7 +13,10 @@ This module holds what must be right independently of the training loop:
   validation loss) -- the test split plays no part in any choice;
 * :func:`paired_difference`: mean test-accuracy difference of two variants over the seeds they share,
   with a two-sided 95 % paired-t confidence interval (seeds pair the data order and head
-  initialisation, so the per-seed differences are the honest unit of replication).
+  initialisation, so the per-seed differences are the honest unit of replication);
+* :func:`pooled_difference`: the same over several tasks at once -- per seed, the mean over the tasks
+  of the two variants' difference, and the paired-t interval of those per-seed means (the issue's
+  "mean over the tasks, with the 95 % CI").
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from layerlens_jax._src.costs import trainable_params
 from layerlens_jax._src.sites import Site
 
 __all__ = ["TARGET_SETS", "targeted", "uniform_candidates", "widest_uniform", "widest_floor",
-           "run_key", "best_by_validation", "PairedDifference", "paired_difference"]
+           "run_key", "best_by_validation", "PairedDifference", "paired_difference", "pooled_difference"]
 
 #: LoRA target sets of the uniform baselines, by the last component of a site's path.
 TARGET_SETS: dict[str, tuple[str, ...]] = {
@@ -153,7 +156,29 @@ def paired_difference(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, A
     seeds = tuple(sorted(set(by_a) & set(by_b)))
     if not seeds:
         return None
-    d = np.array([by_a[s] - by_b[s] for s in seeds])
+    return _t_interval(np.array([by_a[s] - by_b[s] for s in seeds]), seeds)
+
+
+def pooled_difference(pairs: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]],
+                      key: str = "test_accuracy", scale: float = 100.0) -> PairedDifference | None:
+    """Mean over tasks of ``a - b``, paired by seed: ``pairs`` holds one ``(runs a, runs b)`` per
+    task. For every seed that all tasks share for both variants, the mean over the tasks of the
+    per-task difference; then the mean of those and its two-sided 95 % Student-t interval. A
+    seed missing from any task is left out (None when no seed is shared by all)."""
+    per_task = []
+    for a, b in pairs:
+        by_a = {r["seed"]: scale * r[key] for r in a}
+        by_b = {r["seed"]: scale * r[key] for r in b}
+        per_task.append({s: by_a[s] - by_b[s] for s in set(by_a) & set(by_b)})
+    if not per_task:
+        return None
+    seeds = tuple(sorted(set.intersection(*(set(d) for d in per_task))))
+    if not seeds:
+        return None
+    return _t_interval(np.array([np.mean([d[s] for d in per_task]) for s in seeds]), seeds)
+
+
+def _t_interval(d: np.ndarray, seeds: tuple[int, ...]) -> PairedDifference:
     mean = float(d.mean())
     if len(d) < 2:
         return PairedDifference(mean=mean, low=math.nan, high=math.nan, seeds=seeds)
