@@ -94,11 +94,11 @@ def main(argv=None) -> None:
         variant = "head_only" if plan is None else name
         r = train_variant(prep, variant, plan, args.seed, progress=False)
         res[name] = {"params": 0 if plan is None else plan.use["params"],
-                     "val_loss": r.val_loss, "val_accuracy": r.val_accuracy,
+                     "val_loss": r.val_loss, "val_score": r.val_score,
                      "curve": [point.to_json() for point in r.curve]}
         write_json(path, res)
         print(f"{name}: {res[name]['params']:.0f} params, val loss {r.val_loss:.4f}, "
-              f"val acc {100 * r.val_accuracy:.2f}%", flush=True)
+              f"val acc {100 * r.val_score:.2f}%", flush=True)
 
     zero = res["head_only"]["val_loss"]
     ref = res[f"lora_r{rank}"]

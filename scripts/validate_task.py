@@ -37,7 +37,7 @@ from flax import nnx
 from scipy import stats as sps
 
 from layerlens_jax.app.config import load_config
-from layerlens_jax.app.pipeline import (_mean_loss, evaluate_accuracy, prepare, run_profile,
+from layerlens_jax.app.pipeline import (_mean_loss, evaluate_split, prepare, run_profile,
                                         train_variant, write_json)
 from layerlens_jax.app.plans import make_plans
 
@@ -115,7 +115,7 @@ def predictive_validity(prep, stats, u, steps: int, lr: float) -> dict:
     val = {k: v[:512] for k, v in prep.arrays["validation"].items()}
 
     def val_loss(tr):
-        return evaluate_accuracy(nnx.merge(graphdef, tr, rest), val, 256)["loss"]
+        return evaluate_split(nnx.merge(graphdef, tr, rest), val, 256)["loss"]
 
     before = val_loss(trainable)
     gains = {}
@@ -368,18 +368,20 @@ def main():
                     help="config override, as for `layerlens` (e.g. utility.transform='sqrt')")
     args = ap.parse_args()
 
-    from layerlens_jax.app.sweep import run_key
+    from layerlens_jax.app.sweep import run_key, upgrade_runs
     out = Path(args.out)
     store_path = out / "validation.json"
     store = {"runs": {}, "plans": {}, "utility": {}, "predictive": {}, "timing": {}}
     if store_path.is_file():
         store = {**store, **json.loads(store_path.read_text())}
+        store["runs"] = upgrade_runs(store["runs"])
     if args.merge:
         for d in args.merge:
             if not (Path(d) / "validation.json").is_file():
                 print(f"{d}: no validation.json (no finished run), skipped", file=sys.stderr)
                 continue
             other = json.loads((Path(d) / "validation.json").read_text())
+            other["runs"] = upgrade_runs(other.get("runs", {}))
             for field in ("runs", "utility", "predictive", "timing"):
                 store[field] = {**store.get(field, {}), **other.get(field, {})}
             plans = store.setdefault("plans", {})  # per task@budget, the union of the variants
@@ -474,7 +476,7 @@ def main():
                     store["runs"][key] = r
                     write_json(store_path, store)
                     print(f"[{spec} x{key_scale}] {variant} seed {seed}: test "
-                          f"{100 * r['test_accuracy']:.2f}% val {100 * r['val_accuracy']:.2f}% "
+                          f"{100 * r['test_score']:.2f}% val {100 * r['val_score']:.2f}% "
                           f"({r['trainable_params']:,} trainable, {r['train_seconds']:.0f}s)",
                           flush=True)
     write_json(store_path, store)
@@ -520,13 +522,13 @@ def _spectra(prep, stats):
     """Gradient spectra of the profiled sites on the profiling batches (same order and count)."""
     from layerlens_jax._src.spectral import gradient_spectra
     from layerlens_jax.app.data import iterate_batches
-    from layerlens_jax.app.pipeline import classification_loss
+    from layerlens_jax.app.pipeline import task_loss
 
     cfg = prep.cfg
     model = prep.build_model(cfg.run.seed)
     batches = iterate_batches(prep.arrays["train"], cfg.data.batch_size, seed=cfg.run.seed,
                               epoch=10_000)
-    return gradient_spectra(model, classification_loss, batches, list(stats.sites),
+    return gradient_spectra(model, task_loss, batches, list(stats.sites),
                             max_batches=cfg.profile.batches)
 
 
@@ -600,8 +602,8 @@ def render(store) -> str:
             lines.append("|---|---:|---:|---:|---:|---:|---:|---|")
             for v in variants:
                 vr = [r for r in rs if r["variant"] == v]
-                acc = 100 * np.array([r["test_accuracy"] for r in vr])
-                val = 100 * np.array([r["val_accuracy"] for r in vr])
+                acc = 100 * np.array([r["test_score"] for r in vr])
+                val = 100 * np.array([r["val_score"] for r in vr])
                 vloss = np.array([r["val_loss"] for r in vr])
                 d = paired_difference(vr, [r for r in rs if r["variant"] == best]) \
                     if best and v != best else None
@@ -626,7 +628,7 @@ def render(store) -> str:
             for v in dict.fromkeys(v for _, s, v, _, _ in summary if s == scale):
                 rows = [(t, d, pair) for t, s, vv, d, pair in summary if s == scale and vv == v]
                 pairs = [pair for _, _, pair in rows]
-                test, val = pooled_difference(pairs), pooled_difference(pairs, key="val_accuracy")
+                test, val = pooled_difference(pairs), pooled_difference(pairs, key="val_score")
                 per = ", ".join(f"{t} {d.mean:+.2f}" for t, d, _ in rows)
                 cell = lambda d: "—" if d is None else (
                     f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]" + (" *" if d.excludes_zero else ""))

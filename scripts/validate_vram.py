@@ -38,6 +38,7 @@ from layerlens_jax.app.pipeline import prepare, run_profile, train_variant
 from layerlens_jax.app.plans import (make_plans, measure_step_memory, measure_whole_step,
                                      within_measured_memory)
 from layerlens_jax.app.sweep import (TARGET_SETS, best_by_validation, paired_difference, run_key,
+                                     upgrade_runs,
                                      uniform_candidates)
 
 LAYER = re.compile(r"layers_(\d+)/")
@@ -92,6 +93,7 @@ def main():
     out = Path(args.out)
     store_path = out / "vram.json"
     store = json.loads(store_path.read_text()) if store_path.is_file() else {"runs": {}}
+    store["runs"] = upgrade_runs(store["runs"])
     store["command"] = "python " + " ".join(sys.argv)
     prep = prepare(cfg)
     stats, u, _ = run_profile(prep, progress=False)
@@ -139,8 +141,8 @@ def main():
                 store["runs"][key] = {**res.to_json(), "variant": name}
                 atomic_write_json(store_path, store)
                 r = store["runs"][key]
-                print(f"{name} seed {seed}: test {100 * r['test_accuracy']:.2f} val "
-                      f"{100 * r['val_accuracy']:.2f}, XLA {r['step_memory_bytes'] / 2**20:.0f} MiB "
+                print(f"{name} seed {seed}: test {100 * r['test_score']:.2f} val "
+                      f"{100 * r['val_score']:.2f}, XLA {r['step_memory_bytes'] / 2**20:.0f} MiB "
                       f"(predicted {plan.use['vram_bytes'] / 2**20:.0f})", flush=True)
     atomic_write_json(store_path, store)
     print(render(store))
@@ -162,8 +164,8 @@ def render(store) -> str:
         rs = [r for r in runs if r["variant"] == name]
         if not rs:
             continue
-        test = np.array([r["test_accuracy"] for r in rs]) * 100
-        val = np.array([r["val_accuracy"] for r in rs]) * 100
+        test = np.array([r["test_score"] for r in rs]) * 100
+        val = np.array([r["val_score"] for r in rs]) * 100
         d = (paired_difference(rs, [r for r in runs if r["variant"] == best])
              if best and name != best else None)
         ci = "" if d is None else f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]"

@@ -5,6 +5,8 @@ real TREC-6 questions."""
 import importlib.util
 import json
 
+import numpy as np
+
 import pytest
 
 from layerlens_jax.app.cli import main, verdict
@@ -118,7 +120,7 @@ def test_stage_with_an_invalid_input_exits_1_naming_the_file(tmp_path, capsys):
 
 def test_verdict_names_the_seed_count():
     def row(v, acc, params, seeds):
-        return {"variant": v, "test_accuracy_mean": acc, "adapter_params": params, "seeds": seeds}
+        return {"variant": v, "test_score_mean": acc, "adapter_params": params, "seeds": seeds}
 
     one = verdict([row("uniform_lora", 90.0, 100, [0]), row("layerlens_lora", 91.5, 99, [0])])
     assert "+1.50 accuracy points at 99%" in one and "over 1 seed" in one
@@ -157,7 +159,7 @@ def test_cli_run_tiny_end_to_end(tmp_path):
     assert plan.use["params"] <= uniform["adapter_params"]  # same budget
     ev = json.loads((out / "evaluation.json").read_text())
     # the checkpoint restored from disk reproduces the in-memory test accuracy
-    assert ev["test"]["accuracy"] == pytest.approx(mixed["test_accuracy"])
+    assert ev["test"]["score"] == pytest.approx(mixed["test_score"])
     report = (out / "report.md").read_text()
     lines = report.splitlines()
     # every plan's section (all three plans are made whichever variants train)
@@ -168,8 +170,40 @@ def test_cli_run_tiny_end_to_end(tmp_path):
     # the results' figures in the comparison table (one seed: std 0)
     assert "## Task Performance" in lines
     for r in (uniform, mixed):
-        assert (f"| {r['variant']} | {100 * r['test_accuracy']:.2f} ± 0.00 | "
-                f"{100 * r['val_accuracy']:.2f} ± 0.00 | {r['adapter_params']:,} | "
+        assert (f"| {r['variant']} | {100 * r['test_score']:.2f} ± 0.00 | "
+                f"{100 * r['val_score']:.2f} ± 0.00 | {r['adapter_params']:,} | "
                 f"{r['trainable_params']:,} |") in report, r["variant"]
     peft = json.loads((out / "adapter_config.json").read_text())
     assert peft["peft_type"] == "LORA"
+
+
+@pytest.mark.skipif(not HAS_ASSETS, reason="needs the asset packages (the tokenizer)")
+def test_cli_run_local_regression_end_to_end(tmp_path):
+    """Your own JSON Lines file with a float target: the job profiles, plans, trains with squared
+    error, scores R² and evaluates the checkpoint to the same figure."""
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "fine", "awful", "great", "meh", "superb", "poor"]
+    value = {"good": 1.0, "bad": -1.0, "fine": 0.3, "awful": -2.0, "great": 2.0, "meh": 0.0,
+             "superb": 2.5, "poor": -1.5}
+    rows = []
+    for i in range(160):
+        ws = list(rng.choice(words, 3))
+        rows.append(json.dumps({"text": " ".join(ws) + f" {i}",
+                                "score": round(float(np.mean([value[w] for w in ws])), 3)}))
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["run", "-c", TINY, "-q", "--set", f"run.output_dir='{out}'",
+                 "--set", "data.task='local'", "--set", f"data.path='{data}'",
+                 "--set", "data.label_field='score'", "--set", "data.objective='regression'",
+                 "--set", "train.steps=4", "--set", "train.eval_every=2",
+                 "--set", "profile.batches=1", "--set", "compare.variants=['uniform_lora','layerlens_lora']",
+                 "--set", "compare.main='layerlens_lora'"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {r["metric"] for r in results["results"]} == {"r2"}
+    main_run = next(r for r in results["results"] if r["variant"] == "layerlens_lora")
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["test"]["metric"] == "r2" and ev["test"]["examples"] == 16
+    assert ev["test"]["score"] == pytest.approx(main_run["test_score"], abs=1e-5)
+    assert ev["test"]["loss"] == pytest.approx(main_run["test_loss"], rel=1e-4)
+    assert "test R² %" in (out / "report.md").read_text()

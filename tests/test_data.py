@@ -406,3 +406,73 @@ def test_local_task_config_checks(tmp_path):
         config_from_dict({"data": {"task": "trec6", "validation_path": "v.csv"}})
     cfg = config_from_dict({"data": {"task": "local", "path": str(tmp_path / "x.csv")}})
     assert cfg.data.text_field == "text" and cfg.data.label_field == "label"
+
+
+# ------------------------------------------------------------------------- regression targets
+
+
+def test_local_regression_targets_read_from_csv_and_jsonl(tmp_path):
+    rows = [{"text": "great", "label": 3.5}, {"text": "fine", "label": 0}, {"text": "bad", "label": "-2.25"},
+            {"text": "great", "label": 3.5}]  # a duplicate with the same target is kept once
+    texts, y, names = D.read_local(_local(tmp_path, "r.jsonl", rows), regression=True)
+    assert texts == ["great", "fine", "bad"] and names == ()
+    assert y.dtype == np.float32 and y.tolist() == [3.5, 0.0, -2.25]
+    t2, y2, _ = D.read_local(_local(tmp_path, "r.csv", ["text,label", "great,3.5", "fine,0",
+                                                         "bad, -2.25"]), regression=True)
+    assert t2 == texts and y2.tolist() == y.tolist()
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([{"text": "a", "label": 1.0}, {"text": "b", "label": "high"}], r"r\.jsonl:2: field 'label' must be a finite number"),
+    ([{"text": "a", "label": 1.0}, {"text": "b", "label": "nan"}], r"r\.jsonl:2: .*finite number"),
+    ([{"text": "a", "label": True}], r"r\.jsonl:1: .*finite number"),
+    ([{"text": "a", "label": 1e300}], r"r\.jsonl:1: .*does not fit float32"),
+    ([{"text": "a", "label": 1.0}, {"text": "c", "label": 2}, {"text": "a", "label": 1.5}],
+     r"r\.jsonl:3: text 'a' has target 1\.5 here but 1\.0 on line 1"),
+])
+def test_local_regression_bad_target_names_file_and_line(tmp_path, rows, match):
+    with pytest.raises(D.DataFormatError, match=match):
+        D.read_local(_local(tmp_path, "r.jsonl", rows), regression=True)
+
+
+def test_local_regression_task_splits_are_seeded_and_stratified_by_target_bins(tmp_path):
+    rng = np.random.default_rng(0)
+    targets = np.round(rng.gamma(2.0, 1.5, 400), 3)  # skewed: stratification matters
+    rows = [{"text": f"example {i}", "label": float(v)} for i, v in enumerate(targets)]
+    path = _local(tmp_path, "r.jsonl", rows)
+    task = D.load_local_task(path, seed=5, regression=True)
+    again = D.load_local_task(path, seed=5, regression=True)
+    assert task.train.texts == again.train.texts and task.test.texts == again.test.texts
+    assert task.regression and task.num_labels == 1 and task.sizes() == {
+        "train": 320, "validation": 40, "test": 40}
+    assert task.train.labels.dtype == np.float32
+    # every decile bin of the whole set gets its proportional share of each held-out split
+    edges = np.quantile(targets, np.linspace(0, 1, 11)[1:-1])
+    for split in ("validation", "test"):
+        counts = np.bincount(np.searchsorted(edges, task[split].labels, side="right"),
+                             minlength=10)
+        assert counts.min() >= 3 and counts.max() <= 5, (split, counts)
+    small = D.load_local_task(path, seed=5, regression=True, train_examples=50)
+    assert len(small.train) == 50 and set(small.train.texts) <= set(task.train.texts)
+    assert small.validation.texts == task.validation.texts
+    with pytest.raises(ValueError, match="regression task has no classes"):
+        task.train.class_counts()
+
+
+def test_target_strata_are_quantile_bins():
+    y = np.arange(100, dtype=np.float32)
+    s = D.target_strata(y)
+    assert np.bincount(s).tolist() == [10] * 10 and (np.diff(s) >= 0).all()
+    assert D.target_strata(np.ones(7)).tolist() == [1] * 7  # ties share one bin
+
+
+def test_regression_objective_config_checks(tmp_path):
+    from layerlens_jax.app.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="data.objective must be"):
+        config_from_dict({"data": {"task": "local", "path": "x.csv", "objective": "ordinal"}})
+    with pytest.raises(ConfigError, match="is for your own files"):
+        config_from_dict({"data": {"task": "trec6", "objective": "regression"}})
+    with pytest.raises(ConfigError, match="sampled_fisher"):
+        config_from_dict({"data": {"task": "local", "path": "x.csv", "objective": "regression"},
+                          "profile": {"sampled_fisher": True}})

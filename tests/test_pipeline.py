@@ -14,7 +14,7 @@ from flax import nnx
 
 from layerlens_jax.app.config import config_from_dict, load_config
 from layerlens_jax.app.pipeline import (RESULT_KEYS, CurvePoint, Prepared, VariantResult,
-                                        adaptable_sites, comparison_markdown, evaluate_accuracy,
+                                        adaptable_sites, comparison_markdown, evaluate_split,
                                         summarise, train_variant)
 from layerlens_jax.models import BertClassifier, BertConfig
 
@@ -57,21 +57,21 @@ def _hand_loss() -> float:
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 7, 10])
-def test_evaluate_accuracy_excludes_padding_rows(batch_size):
+def test_evaluate_split_excludes_padding_rows(batch_size):
     """Batch sizes 3, 4 and 10 leave a partial last batch, padded with copies of real rows (hits
     here): counting them, or dividing by the padded count, would move the figures off 5/7."""
-    out = evaluate_accuracy(LookupModel(TABLE), _lookup_arrays(), batch_size)
+    out = evaluate_split(LookupModel(TABLE), _lookup_arrays(), batch_size)
     assert out["examples"] == 7
-    assert out["accuracy"] == pytest.approx(5 / 7)
+    assert out["score"] == pytest.approx(5 / 7)
     assert out["loss"] == pytest.approx(_hand_loss(), rel=1e-6)
 
 
-def test_evaluate_accuracy_padding_copies_of_a_miss():
+def test_evaluate_split_padding_copies_of_a_miss():
     """The last real row a miss: padding copies must not count as misses either."""
     arrays = _lookup_arrays()
     arrays = {k: v[:3] for k, v in arrays.items()}  # examples 0, 1 hit; 2 misses
-    out = evaluate_accuracy(LookupModel(TABLE), arrays, 2)  # [0, 1], [2, pad copy of 2]
-    assert out["examples"] == 3 and out["accuracy"] == pytest.approx(2 / 3)
+    out = evaluate_split(LookupModel(TABLE), arrays, 2)  # [0, 1], [2, pad copy of 2]
+    assert out["examples"] == 3 and out["score"] == pytest.approx(2 / 3)
 
 
 # ---------------------------------------------------------------------------- typed results
@@ -79,27 +79,27 @@ def test_evaluate_accuracy_padding_copies_of_a_miss():
 
 def _result(variant, seed, test_acc, val_acc, *, trainable=1000, adapter=None, seconds=1.0,
             memory=None):
-    return VariantResult(variant=variant, seed=seed, trainable_params=trainable,
-                         adapter_params=adapter, test_accuracy=test_acc, test_loss=0.5,
-                         val_accuracy=val_acc, val_loss=0.6, train_seconds=seconds, steps=10,
+    return VariantResult(variant=variant, seed=seed, metric="accuracy", trainable_params=trainable,
+                         adapter_params=adapter, test_score=test_acc, test_loss=0.5,
+                         val_score=val_acc, val_loss=0.6, train_seconds=seconds, steps=10,
                          epochs=2.5, step_memory_bytes=memory,
                          curve=(CurvePoint(step=10, train_loss=0.4, val_loss=0.6,
-                                           val_accuracy=val_acc),))
+                                           val_score=val_acc),))
 
 
 def test_variant_result_json_keeps_the_results_json_keys():
     r = _result("uniform_lora", 3, 0.8, 0.7, adapter=256, memory=2.0 ** 20)
     d = r.to_json()
-    # the keys of results.json as written before the record was typed, in their order
-    assert list(d) == ["variant", "seed", "trainable_params", "adapter_params", "test_accuracy",
-                       "test_loss", "val_accuracy", "val_loss", "train_seconds", "steps",
+    # the keys of results.json, in their order (the score keys and "metric" since regression)
+    assert list(d) == ["variant", "seed", "metric", "trainable_params", "adapter_params", "test_score",
+                       "test_loss", "val_score", "val_loss", "train_seconds", "steps",
                        "epochs", "step_memory_bytes", "curve"]
     assert list(d) == list(RESULT_KEYS)
-    assert d["curve"] == [{"step": 10, "train_loss": 0.4, "val_loss": 0.6, "val_accuracy": 0.7}]
+    assert d["curve"] == [{"step": 10, "train_loss": 0.4, "val_loss": 0.6, "val_score": 0.7}]
     assert json.loads(json.dumps(d)) == d
     assert d["adapter_params"] == 256 and d["step_memory_bytes"] == 2.0 ** 20
     with pytest.raises(dataclasses.FrozenInstanceError):
-        r.test_accuracy = 1.0  # type: ignore[misc]
+        r.test_score = 1.0  # type: ignore[misc]
     with pytest.raises(TypeError):
         VariantResult("uniform_lora", 0)  # keyword-only
 
@@ -127,18 +127,18 @@ def test_summarise_means_and_population_stds_per_variant():
     # uniform_lora test 80, 90, 85: mean 85, deviations -5, 5, 0 -> std sqrt(50/3)
     # validation 70, 70, 76: mean 72, deviations -2, -2, 4 -> std sqrt(24/3) = sqrt(8)
     assert u["seeds"] == [0, 1, 2]
-    assert u["test_accuracy_mean"] == pytest.approx(85.0)
-    assert u["test_accuracy_std"] == pytest.approx((50 / 3) ** 0.5)
-    assert u["val_accuracy_mean"] == pytest.approx(72.0)
-    assert u["val_accuracy_std"] == pytest.approx(8 ** 0.5)
+    assert u["test_score_mean"] == pytest.approx(85.0)
+    assert u["test_score_std"] == pytest.approx((50 / 3) ** 0.5)
+    assert u["val_score_mean"] == pytest.approx(72.0)
+    assert u["val_score_std"] == pytest.approx(8 ** 0.5)
     assert u["train_seconds_mean"] == pytest.approx(2.0)
     assert (u["trainable_params"], u["adapter_params"], u["step_memory_bytes"]) == (
         579, 256, 3 * 2 ** 20)
     # head_only test 50, 60, 70: mean 60, std sqrt(200/3); validation 40, 40, 46: mean 42, sqrt(8)
-    assert h["test_accuracy_mean"] == pytest.approx(60.0)
-    assert h["test_accuracy_std"] == pytest.approx((200 / 3) ** 0.5)
-    assert h["val_accuracy_mean"] == pytest.approx(42.0)
-    assert h["val_accuracy_std"] == pytest.approx(8 ** 0.5)
+    assert h["test_score_mean"] == pytest.approx(60.0)
+    assert h["test_score_std"] == pytest.approx((200 / 3) ** 0.5)
+    assert h["val_score_mean"] == pytest.approx(42.0)
+    assert h["val_score_std"] == pytest.approx(8 ** 0.5)
     assert h["adapter_params"] is None and h["step_memory_bytes"] is None
     json.dumps(rows)  # results.json's "summary"
 
@@ -150,8 +150,8 @@ def test_summarise_means_and_population_stds_per_variant():
 
 def test_summarise_one_seed_has_zero_std():
     rows = summarise([_result("full", 7, 0.25, 0.5, trainable=1_234_567)])
-    assert rows[0]["seeds"] == [7] and rows[0]["test_accuracy_std"] == 0.0
-    assert rows[0]["test_accuracy_mean"] == pytest.approx(25.0)
+    assert rows[0]["seeds"] == [7] and rows[0]["test_score_std"] == 0.0
+    assert rows[0]["test_score_mean"] == pytest.approx(25.0)
     assert "| full | 25.00 ± 0.00 | 50.00 ± 0.00 | — | 1,234,567 |" in comparison_markdown(rows)
 
 
@@ -196,9 +196,9 @@ def test_train_variant_head_only_figures():
     assert r.trainable_params == HEAD_PARAMS and r.adapter_params is None
     assert r.epochs == pytest.approx(6 / 2)  # 40 examples: 2 full batches of 16 per epoch
     assert [p.step for p in r.curve] == [3, 6]
-    assert (r.val_accuracy, r.val_loss) == (r.curve[-1].val_accuracy, r.curve[-1].val_loss)
-    assert r.test_accuracy == pytest.approx(_full_split_accuracy(r.model, prep.arrays["test"]))
-    assert r.val_accuracy == pytest.approx(
+    assert (r.val_score, r.val_loss) == (r.curve[-1].val_score, r.curve[-1].val_loss)
+    assert r.test_score == pytest.approx(_full_split_accuracy(r.model, prep.arrays["test"]))
+    assert r.val_score == pytest.approx(
         _full_split_accuracy(r.model, prep.arrays["validation"]))
     assert r.train_seconds > 0 and all(math.isfinite(p.train_loss) for p in r.curve)
     d = r.to_json()
@@ -370,3 +370,69 @@ def test_within_measured_memory_searches_the_effective_budget_until_the_step_fit
     assert first.metadata["vram_rounds"] == 1 and first.metadata["effective_vram_bytes"] == 200
     with pytest.raises(ValueError, match="no plan found whose compiled train step fits"):
         within_measured_memory(allocate_at, 100.0, lambda p: 200.0, rounds=3)
+
+
+# ------------------------------------------------------------------------------ regression
+
+
+class LinearOutput(nnx.Module):
+    """One output per example: ``w[first token] + b``, a lookup a test can compute by hand."""
+
+    def __init__(self, w, b):
+        self.w, self.b = nnx.Param(jnp.asarray(w, jnp.float32)), nnx.Param(jnp.float32(b))
+
+    def __call__(self, input_ids, attention_mask, token_type_ids):
+        return (self.w[input_ids[:, 0]] + self.b)[:, None]
+
+
+def _r2_reference(pred, y) -> float:
+    pred, y = np.asarray(pred, np.float64), np.asarray(y, np.float64)
+    return 1.0 - np.sum((pred - y) ** 2) / np.sum((y - y.mean()) ** 2)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 7, 10])
+def test_evaluate_split_regression_r2_and_mse_exclude_padding(batch_size):
+    from layerlens_jax.app.pipeline import task_loss
+
+    w, b = [0.5, -1.0, 2.0], 0.25
+    arrays = _lookup_arrays()
+    y = np.array([0.7, -0.9, 0.1, 1.2, -0.4, 2.5, 1.9], np.float32)
+    arrays["labels"] = y
+    pred = np.array(w)[TOKENS] + b
+    out = evaluate_split(LinearOutput(w, b), arrays, batch_size)
+    assert out["metric"] == "r2" and out["examples"] == 7
+    assert out["score"] == pytest.approx(_r2_reference(pred, y), rel=1e-5)
+    assert out["loss"] == pytest.approx(np.mean((pred - y) ** 2), rel=1e-5)
+    batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+    assert np.asarray(task_loss(LinearOutput(w, b), batch)) == pytest.approx((pred - y) ** 2,
+                                                                              rel=1e-5)
+    # integer labels still mean classification: cross-entropy, accuracy
+    assert evaluate_split(LookupModel(TABLE), _lookup_arrays(), batch_size)["metric"] == "accuracy"
+
+
+def test_train_variant_regression_trains_a_one_output_head_scored_by_r2():
+    """A regression task end to end on a tiny random encoder: one output, squared-error loss that
+    falls, R² on the test split equal to R² computed over the whole split in one call."""
+    prep = _fake_prepared(**{"train.steps": 24, "train.eval_every": 12,
+                             "train.full_learning_rate": 3e-3})
+    mcfg = dataclasses.replace(prep.model_config, num_labels=1)
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for split, a in prep.arrays.items():
+        # a target the first token determines: learnable from the input
+        y = (np.sin(a["input_ids"][:, 0]) + 0.1 * rng.normal(size=len(a["labels"])))
+        arrays[split] = {**a, "labels": y.astype(np.float32)}
+    prep = dataclasses.replace(prep, label_names=(), arrays=arrays, model_config=mcfg,
+                               build_model=lambda seed: BertClassifier(mcfg, rngs=nnx.Rngs(seed)))
+    assert prep.metric == "r2"
+    r = train_variant(prep, "full", None, 0, progress=False, keep_model=True)
+    assert r.metric == "r2" and r.to_json()["metric"] == "r2"
+    test = arrays["test"]
+    pred = np.asarray(r.model(jnp.asarray(test["input_ids"]), jnp.asarray(test["attention_mask"]),
+                              jnp.asarray(test["token_type_ids"])))[:, 0]
+    assert pred.shape == (11,)
+    assert r.test_score == pytest.approx(_r2_reference(pred, test["labels"]), rel=1e-4, abs=1e-5)
+    assert r.test_loss == pytest.approx(np.mean((pred - test["labels"]) ** 2), rel=1e-4)
+    assert r.curve[-1].train_loss < r.curve[0].train_loss and math.isfinite(r.val_score)
+    rows = summarise([r])
+    assert rows[0]["metric"] == "r2" and "test R² %" in comparison_markdown(rows)

@@ -70,7 +70,7 @@ def test_plots_write_png_files(tmp_path):
     stats = {"sites": [{"site": f"encoder/layers_{i}/attention/mha/query", "utility": u,
                         "fisher_trace": 2 * u, "grad_norm": 3 * u}
                        for i, u in enumerate([0.5, 0.25, 0.125])]}
-    curve = [{"step": s, "train_loss": 1 / s, "val_loss": 1 / s, "val_accuracy": s / 10}
+    curve = [{"step": s, "train_loss": 1 / s, "val_loss": 1 / s, "val_score": s / 10}
              for s in (1, 2)]
     results = [{"variant": v, "seed": seed, "curve": curve}
                for seed in (0, 1) for v in ("uniform_lora", "head_only")]

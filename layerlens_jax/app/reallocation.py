@@ -52,7 +52,7 @@ def reallocation_hook(prep, variant: str, plan, sites: Sequence, *, at: Sequence
     from layerlens_jax._src.train import write_back
     from layerlens_jax._src.utility import UtilityConfig
     from layerlens_jax.app.data import iterate_batches
-    from layerlens_jax.app.pipeline import classification_loss, variant_step, variant_tx
+    from layerlens_jax.app.pipeline import task_loss, variant_step, variant_tx
 
     cfg = prep.cfg
     steps = cfg.train.steps
@@ -71,7 +71,7 @@ def reallocation_hook(prep, variant: str, plan, sites: Sequence, *, at: Sequence
         write_back(model, state)
         batches = iterate_batches(prep.arrays["train"], cfg.data.batch_size,
                                   seed=cfg.run.seed + i + 1, epoch=20_000)
-        u = merged_utility(model, classification_loss, batches, sites, config=ucfg,
+        u = merged_utility(model, task_loss, batches, sites, config=ucfg,
                            max_batches=cfg.profile.batches, progress=False)
         new = reallocate_plan(model, current["plan"], sites, u, **dict(allocate_options or {}))
         ranks = lora_ranks(new)

@@ -98,7 +98,7 @@ def plot_budget_use(plans: Mapping[str, Any], path: Path) -> Path:
 
 
 def plot_curves(results: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Training loss and validation accuracy over steps, per variant and seed."""
+    """Training loss and validation score (accuracy or R²) over steps, per variant and seed."""
     plt = _plt()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
     colors = {}
@@ -107,9 +107,10 @@ def plot_curves(results: Sequence[Mapping[str, Any]], path: Path) -> Path:
         steps = [p["step"] for p in r["curve"]]
         a1.plot(steps, [p["train_loss"] for p in r["curve"]], color=c, alpha=0.8,
                 label=r["variant"] if r["seed"] == results[0]["seed"] else None)
-        a2.plot(steps, [100 * p["val_accuracy"] for p in r["curve"]], color=c, alpha=0.8)
+        a2.plot(steps, [100 * p["val_score"] for p in r["curve"]], color=c, alpha=0.8)
     a1.set_xlabel("step"), a1.set_ylabel("train loss"), a1.legend(fontsize=7)
-    a2.set_xlabel("step"), a2.set_ylabel("validation accuracy (%)")
+    metric = {"r2": "R²"}.get(results[0].get("metric", "accuracy"), "accuracy") if results else ""
+    a2.set_xlabel("step"), a2.set_ylabel(f"validation {metric} (%)")
     fig.suptitle("Training curves")
     return _save(fig, path)
 

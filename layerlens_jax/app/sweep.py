@@ -6,12 +6,14 @@ This module holds what must be right independently of the training loop:
 * :data:`TARGET_SETS` and :func:`uniform_candidates`: the uniform-rank baselines a careful user tries
   by hand -- LoRA on {query+value, q+k+v+out, FFN only, all linear layers}, each at the largest rank
   whose parameter count fits the budget (none where rank 1 does not fit);
+* :func:`upgrade_runs`: stores written before the score keys (``test_accuracy`` /
+  ``val_accuracy``, classification only) read as the current ones;
 * :func:`run_key`: the results store's key, a hash of everything that determines a run, so a sweep
   resumes across sittings and never recomputes a finished run (and never reuses a run whose settings
   changed);
-* :func:`best_by_validation`: the variant with the best mean validation accuracy (ties: lower
+* :func:`best_by_validation`: the variant with the best mean validation score (accuracy, or R²) (ties: lower
   validation loss) -- the test split plays no part in any choice;
-* :func:`paired_difference`: mean test-accuracy difference of two variants over the seeds they share,
+* :func:`paired_difference`: mean test-score difference of two variants over the seeds they share,
   with a two-sided 95 % paired-t confidence interval (seeds pair the data order and head
   initialisation, so the per-seed differences are the honest unit of replication);
 * :func:`pooled_difference`: the same over several tasks at once -- per seed, the mean over the tasks
@@ -35,7 +37,7 @@ from layerlens_jax._src.costs import trainable_params
 from layerlens_jax._src.sites import Site
 
 __all__ = ["TARGET_SETS", "targeted", "uniform_candidates", "widest_uniform", "widest_floor",
-           "run_key", "best_by_validation", "PairedDifference", "paired_difference", "pooled_difference"]
+           "run_key", "upgrade_runs", "best_by_validation", "PairedDifference", "paired_difference", "pooled_difference"]
 
 #: LoRA target sets of the uniform baselines, by the last component of a site's path.
 TARGET_SETS: dict[str, tuple[str, ...]] = {
@@ -117,21 +119,41 @@ def run_key(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_OLD_KEYS = {"test_accuracy": "test_score", "val_accuracy": "val_score"}
+
+
+def upgrade_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A results store's runs with the current keys: runs written before regression support
+    (``test_accuracy`` / ``val_accuracy``; their curves' ``val_accuracy``) get ``test_score`` /
+    ``val_score`` and ``metric = "accuracy"``; current runs are returned unchanged."""
+    out = {}
+    for key, r in runs.items():
+        if "test_score" in r:
+            out[key] = dict(r)
+            continue
+        r = {_OLD_KEYS.get(k, k): v for k, v in r.items()}
+        r.setdefault("metric", "accuracy")
+        if "curve" in r:
+            r["curve"] = [{_OLD_KEYS.get(k, k): v for k, v in p.items()} for p in r["curve"]]
+        out[key] = r
+    return out
+
+
 def best_by_validation(runs: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> str | None:
-    """Among ``variants``, the one with the best mean ``val_accuracy`` over its runs (ties: lower
+    """Among ``variants``, the one with the best mean ``val_score`` over its runs (ties: lower
     mean ``val_loss``, then name); None when none of them has a run."""
     scored = []
     for v in variants:
         rs = [r for r in runs if r["variant"] == v]
         if rs:
-            scored.append((-np.mean([r["val_accuracy"] for r in rs]),
+            scored.append((-np.mean([r["val_score"] for r in rs]),
                            np.mean([r["val_loss"] for r in rs]), v))
     return min(scored)[2] if scored else None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PairedDifference:
-    """``a - b`` over the seeds both have (test accuracy, in points unless scaled by the caller)."""
+    """``a - b`` over the seeds both have (test score, in points unless scaled by the caller)."""
 
     mean: float  # mean of the per-seed differences
     low: float  # 95 % paired-t confidence interval, lower end (NaN with fewer than 2 seeds)
@@ -145,7 +167,7 @@ class PairedDifference:
 
 
 def paired_difference(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]],
-                      key: str = "test_accuracy", scale: float = 100.0) -> PairedDifference | None:
+                      key: str = "test_score", scale: float = 100.0) -> PairedDifference | None:
     """Paired difference of ``key`` (times ``scale``) of runs ``a`` minus runs ``b`` by seed.
 
     Returns None when the two share no seed. The interval is the two-sided 95 % Student-t interval
@@ -160,7 +182,7 @@ def paired_difference(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, A
 
 
 def pooled_difference(pairs: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[Mapping[str, Any]]]],
-                      key: str = "test_accuracy", scale: float = 100.0) -> PairedDifference | None:
+                      key: str = "test_score", scale: float = 100.0) -> PairedDifference | None:
     """Mean over tasks of ``a - b``, paired by seed: ``pairs`` holds one ``(runs a, runs b)`` per
     task. For every seed that all tasks share for both variants, the mean over the tasks of the
     per-task difference; then the mean of those and its two-sided 95 % Student-t interval. A
