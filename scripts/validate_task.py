@@ -39,7 +39,7 @@ from scipy import stats as sps
 from layerlens_jax.app.config import load_config
 from layerlens_jax.app.pipeline import (_mean_loss, evaluate_split, prepare, run_profile,
                                         train_variant, write_json)
-from layerlens_jax.app.plans import make_plans
+from layerlens_jax.app.plans import gora_floor_plan, gora_importance, make_plans
 
 MAX_LENGTH = {"trec6": 32, "trec50": 32, "movie_sentiment": 48, "tweet_sentiment": 48}  # ~95-99th pct
 
@@ -132,7 +132,7 @@ def predictive_validity(prep, stats, u, steps: int, lr: float) -> dict:
 PLAN_VARIANTS = ("layerlens_lora", "layerlens_mixed", "spectral_frobenius", "spectral_nuclear",
                  "spectral_breadth", "tied_lora", "tied_spectral", "probe_lora", "probe_tied",
                  "fill_lora", "fill_tied", "realloc_fill", "realloc_lora", "eva", "eva_rho2",
-                 "adalora", "gora", "gora_fill", "gora_gain")
+                 "adalora", "gora", "gora_fill", "gora_fill_rs", "gora_floor", "gora_gain")
 DEFAULT_VARIANTS = ("uniform:qv", "uniform:qkvo", "uniform:ffn", "uniform:all") + PLAN_VARIANTS + (
     "head_only", "full")
 
@@ -174,10 +174,16 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
                                                "use_rslora": a.use_rslora}, tie=tie)
             out[name] = dataclasses.replace(out[name], metadata={
                 **out[name].metadata, "allocate_seconds": time.perf_counter() - t0})
-    importance = _gora_importance(sites, spectra)  # {path: mean |W * G|} of the linear targets
-    for name, fill in (("gora", False), ("gora_fill", True)):
+    importance = gora_importance(sites, spectra)  # {path: mean |W * G|} of the linear targets
+    rs_opts = {"lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora}
+    if "gora_floor" in variants and importance:
+        # coverage first (rank 1 on the widest uniform set that fits), then GoRA: the job's plan
+        out["gora_floor"] = gora_floor_plan(sites, u, importance, budget, peft_options=ref_opts)
+    for name, fill, opts in (("gora", False, ref_opts), ("gora_fill", True, ref_opts),
+                             ("gora_fill_rs", True, rs_opts)):
         # GoRA (layerlens_jax._src.gora): ranks by share of the importance; gora_fill spends what
-        # its floor leaves by the largest remainder
+        # its floor leaves by the largest remainder; gora_fill_rs: gora_fill's ranks at the
+        # utility plans' LoRA scaling (allocate.lora_alpha, rsLoRA) -- signal vs scale
         if name in variants and importance:
             from layerlens_jax._src.gora import gora_ranks
             t0 = time.perf_counter()
@@ -185,7 +191,7 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
             ranks = gora_ranks(targets, [importance[x.path] for x in targets], budget, fill=fill)
             out[name] = Plan.from_assignments(
                 sites, {path: ("lora", r) for path, r in ranks.items() if r > 0}, u,
-                peft_options=ref_opts, metadata={"variant": name,
+                peft_options=opts, metadata={"variant": name,
                                                  "allocate_seconds": time.perf_counter() - t0})
     if "gora_gain" in variants and importance:
         # GoRA's importance as the utility of LayerLens's allocator (its gain model and LoRA
@@ -240,19 +246,6 @@ def sweep_plans(bcfg, sites, u, spectra, variants, eva=None, probe=None) -> dict
                                  metadata={"variant": name, "rho": rho,
                                            "allocate_seconds": time.perf_counter() - t0})
     return out
-
-
-def _gora_importance(sites, spectra) -> dict[str, float]:
-    """GoRA's importance (``spectra.weight_gradient``) of the linear layers of the "all" target set
-    that have one; {} without spectra."""
-    from layerlens_jax.app.sweep import TARGET_SETS, targeted
-
-    wg = getattr(spectra, "weight_gradient", None)
-    if wg is None:
-        return {}
-    row = {path: i for i, path in enumerate(spectra.sites)}
-    return {x.path: float(wg[row[x.path]]) for x in targeted(sites, TARGET_SETS["all"])
-            if x.path in row and np.isfinite(wg[row[x.path]])}
 
 
 def _eva_adapt(prep, plan, eva):

@@ -28,7 +28,7 @@ def test_defaults_and_bundled_configs_load():
     ({"allocate": {"adapter_efficiency": -0.5}}, r"allocate.adapter_efficiency must be >= 0"),
     ({"allocate": {"lora_alpha": 0}}, r"allocate.lora_alpha must be > 0"),
     ({"allocate": {"tie": "kinds"}}, r"allocate.tie must be"),
-    ({"budget": {"vram_bytes": 2e8}}, r"compare.main = 'uniform_widest' is a uniform plan"),
+    ({"budget": {"vram_bytes": 2e8}}, r"compare.main = 'gora_floor' is sized by the parameter budget only"),
 ])
 def test_bad_values_name_the_key(d, message):
     with pytest.raises(ConfigError, match=message):

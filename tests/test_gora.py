@@ -86,3 +86,47 @@ def test_fill_spends_the_rest_by_the_largest_remainder():
         assert used <= b
         assert all(ranks[s.path] == 16 or trainable_params(s, "lora", 1) > b - used
                    for s in SITES)  # nothing that fits is left out
+
+
+def _largest_remainder_reference(sites, imp, budget, start):
+    """Obviously-correct fill: one rank at a time to the affordable site furthest below its ideal
+    fractional rank B * p_i / (d_in + d_out)."""
+    per = {s.path: trainable_params(s, "lora", 1) for s in sites}
+    share = {s.path: w / sum(imp) for s, w in zip(sites, imp)}
+    ranks = dict(start)
+    while True:
+        left = budget - sum(per[p] * r for p, r in ranks.items())
+        options = [(budget * share[p] / per[p] - ranks[p], -i, p)
+                   for i, p in enumerate(per) if per[p] <= left]
+        if not options:
+            return ranks
+        ranks[max(options)[2]] += 1
+
+
+def test_floor_first_then_importance_fills_the_rest():
+    imp = [5.0, 3.0, 1.5, 0.5]
+    b = 12_000  # the floor (r1 everywhere: 2 x 768 + 2 x 1920 = 5,376) leaves 6,624
+    floor = {s.path: 1 for s in SITES}
+    ranks = gora_ranks(SITES, imp, b, floor=floor)
+    assert all(ranks[p] >= 1 for p in floor)
+    # GoRA's own ranks (q 7, v 4, fc1 0, fc2 0) raised to the floor need 12,288: over by 288, so
+    # v (the lowest share above its floor) gives one rank back; the largest remainder then spends
+    # what is left (480: nothing more is affordable)
+    start = {"q": 7, "v": 3, "fc1": 1, "fc2": 1}
+    assert gora_ranks(SITES, imp, b, max_rank=64) == {"q": 7, "v": 4, "fc1": 0, "fc2": 0}
+    assert ranks == _largest_remainder_reference(SITES, imp, b, start)
+    used = sum(trainable_params(s, "lora", ranks[s.path]) for s in SITES)
+    assert used <= b and b - used < 768  # nothing affordable is left
+    # B = 20,000: GoRA's ranks raised to the floor (13, 7, 1, 1) use 19,200; the fill adds one
+    # rank to v (ideal 7.81, the largest remainder)
+    filled = gora_ranks(SITES, imp, 20_000, floor=floor)
+    assert filled == _largest_remainder_reference(SITES, imp, 20_000,
+                                                  {"q": 13, "v": 7, "fc1": 1, "fc2": 1})
+    assert filled == {"q": 13, "v": 8, "fc1": 1, "fc2": 1}
+    # a floor that takes the whole budget is the plan; one over it, or naming another site, errs
+    qv = {"q": 1, "v": 1}
+    assert gora_ranks(SITES, imp, 1_536, floor=qv) == {"q": 1, "v": 1, "fc1": 0, "fc2": 0}
+    with pytest.raises(ValueError, match="floor needs 5,376 parameters, over the budget 5,000"):
+        gora_ranks(SITES, imp, 5_000, floor=floor)
+    with pytest.raises(ValueError, match="floor names 'k'"):
+        gora_ranks(SITES, imp, b, floor={"k": 1})

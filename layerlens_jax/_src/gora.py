@@ -21,11 +21,15 @@ parameters, a third of a rank each: GoRA's rule spends 17 %). ``fill=True`` spen
 the largest-remainder method: one rank at a time to the layer whose share is furthest above its
 rank (``B * p_i / (d_in + d_out) - rank_i``) among those it still fits, until none fits -- the
 same proportional principle at the same budget as the other plans.
+
+``floor={path: rank}`` makes those ranks mandatory ("coverage first"): every site starts at least
+at its floor, ranks above the floor are given back (lowest shares first) until the plan fits, and
+the rest of the budget is filled by the largest remainder as above.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -36,7 +40,8 @@ __all__ = ["gora_ranks"]
 
 
 def gora_ranks(sites: Sequence[Site], importance: Sequence[float], budget_params: float, *,
-               max_rank: int = 64, fill: bool = False) -> dict[str, int]:
+               max_rank: int = 64, fill: bool = False,
+               floor: Mapping[str, int] | None = None) -> dict[str, int]:
     """``{path: rank}`` (rank 0 included) for the LoRA-able ``sites`` by GoRA's rule.
 
     Args:
@@ -45,10 +50,11 @@ def gora_ranks(sites: Sequence[Site], importance: Sequence[float], budget_params
       budget_params: the LoRA parameter budget ``B``.
       max_rank: the largest rank a site gets.
       fill: spend what the rule leaves by the largest remainder (module docstring).
+      floor: ``{path: rank}`` each site gets at least (sites not named: 0); implies ``fill``.
 
     Raises:
-      ValueError: lengths differ, an importance is negative or not finite (naming the site), or
-        all importances are zero.
+      ValueError: lengths differ, an importance is negative or not finite (naming the site), all
+        importances are zero, the floor names a site not in ``sites`` or does not fit the budget.
     """
     imp = np.asarray(importance, np.float64)
     if imp.shape != (len(sites),):
@@ -62,10 +68,22 @@ def gora_ranks(sites: Sequence[Site], importance: Sequence[float], budget_params
     share = imp / imp.sum()
     per_rank = np.array([trainable_params(s, "lora", 1) for s in sites], np.int64)
     ranks = np.minimum(np.round(budget_params * share).astype(np.int64) // per_rank, max_rank)
+    low = np.zeros(len(sites), np.int64)
+    if floor:
+        index = {s.path: i for i, s in enumerate(sites)}
+        unknown = sorted(set(floor) - set(index))
+        if unknown:
+            raise ValueError(f"gora_ranks: floor names {unknown[0]!r}, not one of the sites")
+        for path, r in floor.items():
+            low[index[path]] = min(int(r), max_rank)
+        if (low * per_rank).sum() > budget_params:
+            raise ValueError(f"gora_ranks: the floor needs {int((low * per_rank).sum()):,} "
+                             f"parameters, over the budget {budget_params:,.0f}")
+        ranks, fill = np.maximum(ranks, low), True
     for i in np.argsort(share, kind="stable"):  # the lowest shares give back first
         if (ranks * per_rank).sum() <= budget_params:
             break
-        while ranks[i] > 0 and (ranks * per_rank).sum() > budget_params:
+        while ranks[i] > low[i] and (ranks * per_rank).sum() > budget_params:
             ranks[i] -= 1
     if fill:
         ideal = budget_params * share / per_rank

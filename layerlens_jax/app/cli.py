@@ -137,7 +137,7 @@ def stage_plan(ctx: StageContext) -> StageOutcome:
     from layerlens_jax._src.plan import save_plan
     from layerlens_jax._src.plan_metrics import plan_metrics, render_metrics_markdown
     from layerlens_jax.app.stats_file import read_json, sites_from_json
-    from layerlens_jax.app.plans import make_plans, measure_whole_step
+    from layerlens_jax.app.plans import make_plans, measure_importance, measure_whole_step
 
     cfg, out = ctx.cfg, ctx.out
     sites, u = sites_from_json(read_json(out / "stats.json", "profile"), out / "stats.json")
@@ -154,7 +154,11 @@ def stage_plan(ctx: StageContext) -> StageOutcome:
         from layerlens_jax.app.plans import measure_step_memory
 
         measure = functools.partial(measure_step_memory, ctx.prep)  # compiled-step check
-    plans = make_plans(cfg, sites, u, step_profile, measure)
+    t0 = time.perf_counter()
+    importance = measure_importance(ctx.prep, sites)  # GoRA's, for gora_floor
+    ctx.log(f"importance (mean |W * G|) of {len(importance)} linear sites "
+            f"({time.perf_counter() - t0:.1f}s)")
+    plans = make_plans(cfg, sites, u, step_profile, measure, importance=importance)
     written = [out / "plans" / f"{name}.json" for name in plans]
     for path, plan in zip(written, plans.values()):
         save_plan(plan, path)

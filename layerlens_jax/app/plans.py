@@ -1,7 +1,9 @@
 """The plan variants of a run, and the whole-step memory checks behind its VRAM budget.
 
 * :func:`make_plans`: the reference uniform LoRA (its parameter count is the budget), the widest
-  uniform LoRA that fits (the validated default), and the two allocated plans (LoRA-only, mixed);
+  uniform LoRA that fits, the two allocated plans (LoRA-only, mixed) and, given GoRA's importance
+  (:func:`measure_importance`), ``gora_floor`` (:func:`gora_floor_plan`: rank 1 on the widest
+  uniform set that fits, the rest by importance -- the validated default);
 * :func:`measure_whole_step`: the run's :class:`~layerlens_jax.StepProfile` (whole-step budgets
   and predictions);
 * :func:`measure_step_memory` / :func:`within_measured_memory`: a plan's compiled train step, and
@@ -13,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -23,10 +27,12 @@ from layerlens_jax.app.config import RunConfig
 from layerlens_jax.app.pipeline import (Prepared, _endless_batches, build_variant,
                                         step_memory, task_loss, variant_step)
 
-__all__ = ["PLAN_VARIANTS", "make_plans", "measure_whole_step", "measure_step_memory",
+__all__ = ["PLAN_VARIANTS", "make_plans", "gora_importance", "measure_importance",
+           "gora_floor_plan", "measure_whole_step", "measure_step_memory",
            "within_measured_memory"]
 
-PLAN_VARIANTS = ("uniform_lora", "uniform_widest", "layerlens_lora", "layerlens_mixed")
+PLAN_VARIANTS = ("uniform_lora", "uniform_widest", "layerlens_lora", "layerlens_mixed",
+                 "gora_floor")
 
 
 
@@ -45,11 +51,12 @@ def measure_whole_step(prep: Prepared):
 
 
 def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
-               step_profile=None, measure: Callable[[str, Any], float | None] | None = None
-               ) -> dict[str, Any]:
+               step_profile=None, measure: Callable[[str, Any], float | None] | None = None,
+               importance: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The plan variants at the same trainable-parameter budget: the reference uniform LoRA, the
-    widest uniform LoRA that fits (:func:`~layerlens_jax.app.sweep.widest_uniform`, the validated
-    default) and the two allocated plans.
+    widest uniform LoRA that fits (:func:`~layerlens_jax.app.sweep.widest_uniform`), the two
+    allocated plans and, with ``importance`` (:func:`measure_importance`), ``gora_floor``
+    (:func:`gora_floor_plan`, the validated default).
 
     With ``step_profile`` (:func:`measure_whole_step`) the ``vram_bytes`` / ``train_flops`` budgets
     are of the whole train step, and every plan's ``use`` is its whole-step prediction. With
@@ -119,10 +126,77 @@ def make_plans(cfg: RunConfig, sites: list[Site], u: np.ndarray,
              "uniform_widest": uniform_plan(targets, rank, variant="uniform_widest",
                                             targets=name, rank=rank),
              **{k: v for k, v in plans.items() if k != "uniform_lora"}}
+    if importance is not None:
+        plans["gora_floor"] = gora_floor_plan(sites, u, importance, params_budget,
+                                              peft_options=reference_options,
+                                              cost_model=cost_model)
     if step_profile is not None:  # every plan's use is its whole-step prediction
         plans = {name: plan if "step_cost" in plan.metadata
                  else with_step_use(plan, sites, step_profile) for name, plan in plans.items()}
     return plans
+
+
+def gora_importance(sites: Sequence[Site], spectra) -> dict[str, float]:
+    """GoRA's importance (mean ``|W * G|``, :func:`~layerlens_jax._src.spectral.gradient_spectra`'s
+    ``weight_gradient``) of the sites of the "all" uniform target set (every linear layer of the
+    encoder) that have a finite one; {} without it."""
+    from layerlens_jax.app.sweep import TARGET_SETS, targeted
+
+    wg = getattr(spectra, "weight_gradient", None)
+    if wg is None:
+        return {}
+    row = {path: i for i, path in enumerate(spectra.sites)}
+    return {x.path: float(wg[row[x.path]]) for x in targeted(sites, TARGET_SETS["all"])
+            if x.path in row and np.isfinite(wg[row[x.path]])}
+
+
+def measure_importance(prep: Prepared, sites: Sequence[Site]) -> dict[str, float]:
+    """:func:`gora_importance` measured on the profiling batches (same order and count as the
+    profile, fresh model of ``run.seed``): one pass of mean gradients of the linear layers."""
+    from layerlens_jax._src.spectral import gradient_spectra
+    from layerlens_jax.app.data import iterate_batches
+    from layerlens_jax.app.sweep import TARGET_SETS, targeted
+
+    cfg = prep.cfg
+    targets = targeted(sites, TARGET_SETS["all"])
+    if not targets:
+        return {}
+    batches = iterate_batches(prep.arrays["train"], cfg.data.batch_size, seed=cfg.run.seed,
+                              epoch=10_000)  # the profile's batches
+    spectra = gradient_spectra(prep.build_model(cfg.run.seed), task_loss, batches, targets,
+                               max_batches=cfg.profile.batches)
+    return gora_importance(targets, spectra)
+
+
+def gora_floor_plan(sites: Sequence[Site], u, importance: Mapping[str, float],
+                    params_budget: float, *, peft_options: Mapping[str, Any] | None = None,
+                    cost_model=None):
+    """Coverage first, then importance: LoRA rank 1 on every site of the widest uniform target set
+    whose rank 1 fits (:func:`~layerlens_jax.app.sweep.widest_floor`: all linear layers at the
+    reference budget, query + value at 1/8 of it), and the rest of the budget by GoRA's
+    proportional rule on ``importance`` (:func:`~layerlens_jax._src.gora.gora_ranks` with
+    ``floor``). Where the floor takes the whole budget the plan is that uniform rank 1.
+    ``ValueError`` naming the budget when no target set's rank 1 fits."""
+    from layerlens_jax._src.gora import gora_ranks
+    from layerlens_jax._src.plan import Plan
+    from layerlens_jax.app.sweep import widest_floor
+
+    t0 = time.perf_counter()
+    floor = widest_floor(sites, params_budget)
+    if not floor:
+        raise ValueError(f"plan gora_floor adapts no site: no uniform LoRA target set's rank 1 fits "
+                         f"the parameter budget {params_budget:,.6g}; raise budget.scale")
+    targets = [s for s in sites if s.path in importance]
+    missing = sorted(set(floor) - {s.path for s in targets})
+    if missing:
+        raise ValueError(f"plan gora_floor: no importance for site {missing[0]!r} of the floor")
+    ranks = gora_ranks(targets, [importance[s.path] for s in targets], params_budget,
+                       floor=floor)
+    return Plan.from_assignments(
+        sites, {path: ("lora", r) for path, r in ranks.items() if r > 0}, u,
+        budgets={"params": params_budget}, peft_options=peft_options, cost_model=cost_model,
+        metadata={"variant": "gora_floor", "floor": sorted(floor),
+                  "allocate_seconds": time.perf_counter() - t0})
 
 
 def _adapts_nothing(cfg: RunConfig, name: str, sites: list[Site], catalogue,
