@@ -344,6 +344,10 @@ def main():
                     help="train this many passes over each task's training split instead of "
                          "--steps (training-length sensitivity)")
     ap.add_argument("--profile-batches", type=int, default=8)
+    ap.add_argument("--vmap-seeds", type=int, default=1, metavar="N",
+                    help="train up to N pending seeds of a variant in one vmapped step (an "
+                         "accelerator; on a CPU it gains nothing); the stored runs and their keys "
+                         "are the same as one seed at a time")
     ap.add_argument("--predictive", action="store_true")
     ap.add_argument("--predictive-steps", type=int, default=20)
     ap.add_argument("--out", default="runs/validation")
@@ -438,6 +442,7 @@ def main():
                     print(f"[{spec} x{scale}] {name} ({p.use['params']:,.0f} params): "
                           f"{_summarise_assignments(p.assignments())}", flush=True)
                 continue
+            pending = []  # (variant, seed, key, key scale), seed-major: paired seeds finish first
             for seed in args.seeds:
                 for variant in args.variants:
                     if variant in ("head_only", "full"):
@@ -449,33 +454,60 @@ def main():
                     else:
                         continue  # a uniform target set whose rank 1 does not fit
                     key = run_key(_settings(spec, key_scale, variant, seed, args, steps))
-                    if key in store["runs"]:
-                        continue
-                    hooks = {}
-                    if variant in ("eva", "eva_rho2"):
-                        hooks["adapt"] = _eva_adapt(prep_b, plans[variant], eva)
-                    elif variant == "adalora":
-                        hooks["adapt"], hooks["make_step"] = _adalora(bcfg, list(stats.sites))
-                    elif variant.startswith("realloc_"):
-                        hooks["reallocate"], built = _reallocation(prep_b, variant, plans[variant],
-                                                                 list(stats.sites), args)
-                    res = train_variant(prep_b, variant, plans.get(variant), seed, progress=False,
-                                        **hooks)
+                    if key not in store["runs"]:
+                        pending.append((variant, seed, key, key_scale))
+            for group in _groups(pending, args.vmap_seeds):
+                variant, key_scale = group[0][0], group[0][3]
+                hooks = {}
+                if variant in ("eva", "eva_rho2"):
+                    hooks["adapt"] = _eva_adapt(prep_b, plans[variant], eva)
+                elif variant == "adalora":
+                    hooks["adapt"], hooks["make_step"] = _adalora(bcfg, list(stats.sites))
+                elif variant.startswith("realloc_"):
+                    hooks["reallocate"], built = _reallocation(prep_b, variant, plans[variant],
+                                                             list(stats.sites), args)
+                if len(group) > 1:  # the seeds of one configuration in one vmapped step
+                    from layerlens_jax.app.seeds import train_seeds
+                    results = train_seeds(prep_b, variant, plans.get(variant),
+                                          [g[1] for g in group], **hooks)
+                else:
+                    results = [train_variant(prep_b, variant, plans.get(variant), group[0][1],
+                                             progress=False, **hooks)]
+                for (_, seed, key, _), res in zip(group, results):
                     r = {**res.to_json(), "task": spec, "budget_scale": key_scale}
+                    if len(group) > 1:
+                        r["seeds_together"] = len(group)
                     if variant.startswith("realloc_"):
                         log = built[0] if built else []
                         r["reallocations"] = [x.to_json() for x in log]
                         r["reallocate_seconds"] = sum(x.seconds for x in log)
                     store["runs"][key] = r
-                    write_json(store_path, store)
                     print(f"[{spec} x{key_scale}] {variant} seed {seed}: test "
                           f"{100 * r['test_score']:.2f}% val {100 * r['val_score']:.2f}% "
                           f"({r['trainable_params']:,} trainable, {r['train_seconds']:.0f}s)",
                           flush=True)
+                write_json(store_path, store)
     write_json(store_path, store)
     md = render(store)
     (out / "validation.md").write_text(md)
     print(md)
+
+
+def _groups(pending, vmap_seeds: int):
+    """The runs to train, in groups: one run each (``vmap_seeds <= 1``), else up to ``vmap_seeds``
+    pending seeds of one stackable variant together (app.seeds), variant by variant."""
+    from layerlens_jax.app.seeds import stackable
+
+    if vmap_seeds <= 1:
+        return [[p] for p in pending]
+    out = []
+    for variant in dict.fromkeys(p[0] for p in pending):
+        mine = [p for p in pending if p[0] == variant]
+        if variant == "adalora" or not stackable(variant):
+            out += [[p] for p in mine]
+        else:
+            out += [mine[i:i + vmap_seeds] for i in range(0, len(mine), vmap_seeds)]
+    return out
 
 
 def _summarise_assignments(assignments: dict) -> str:

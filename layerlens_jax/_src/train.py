@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.extend
@@ -43,6 +43,8 @@ __all__ = [
     "make_train_step",
     "TrainState",
     "make_functional_train_step",
+    "stack_train_states",
+    "unstack_train_state",
     "write_back",
     "LinenTrainState",
     "make_linen_train_step",
@@ -212,6 +214,58 @@ def make_functional_train_step(model: nnx.Module, tx: optax.GradientTransformati
     run.jitted = jitted  # for lowering / cost analysis / nesting (XLA's default options)
     run.compiler_options = compiler_options
     return run, state
+
+
+def _same_tree(a: Any, b: Any) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        x is y or (np.shape(x) == np.shape(y) and np.array_equal(np.asarray(x), np.asarray(y)))
+        for x, y in zip(la, lb))
+
+
+def stack_train_states(step: Callable, states: Sequence[TrainState], *,
+                       share_frozen: bool | None = None) -> tuple[Callable, TrainState]:
+    """Several independent runs of one train step -- e.g. the seeds of one configuration, each with
+    its own head, adapters, optimizer state and batches -- trained by one jitted, vmapped step.
+
+    ``step`` and ``states`` come from :func:`make_functional_train_step` on models of the same
+    structure (the first step's program serves all). Returns ``(run, state)``: ``state`` holds
+    every tree stacked on a new leading axis (``frozen`` once when ``share_frozen``: by default,
+    when every run's frozen base is equal, as for one pretrained encoder); ``run(state, batch)``
+    takes batches stacked the same way (``(n, B, ...)``) and returns per-run metrics ``(n,)``.
+    :func:`unstack_train_state` gives run ``i``'s :class:`TrainState` back. The figures equal
+    ``n`` separate runs up to float round-off (vmapped matmuls may sum in another order)."""
+    if not states:
+        raise ValueError("stack_train_states: no states given")
+    s0 = states[0]
+    if share_frozen is None:
+        share_frozen = all(_same_tree(s.frozen, s0.frozen) for s in states[1:])
+    stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+    tr, opt, oth, count = jax.tree.map(
+        stack, *[(s.trainable, s.opt_state, s.other, s.step) for s in states])
+    frozen = s0.frozen if share_frozen else jax.tree.map(stack, *[s.frozen for s in states])
+    inner = step.jitted
+    axes = (0, 0, 0, 0, None if share_frozen else 0, 0)
+
+    def vstep(trainable, opt_state, other, count, frozen, batch):
+        return jax.vmap(inner, in_axes=axes)(trainable, opt_state, other, count, frozen, batch)
+
+    top, jitted = _step_jits(vstep, (0, 1, 2), getattr(step, "compiler_options", None))
+
+    def run(state: TrainState, batch) -> tuple[TrainState, dict]:
+        t, o, x, c, metrics = top(state.trainable, state.opt_state, state.other, state.step,
+                                  state.frozen, batch)
+        return TrainState(t, state.frozen, x, o, c), metrics
+
+    run.jitted, run.runs, run.share_frozen = jitted, len(states), share_frozen
+    return run, TrainState(tr, frozen, oth, opt, count)
+
+
+def unstack_train_state(state: TrainState, i: int, *, share_frozen: bool) -> TrainState:
+    """Run ``i``'s :class:`TrainState` out of :func:`stack_train_states`' stacked state."""
+    pick = lambda tree: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
+    return TrainState(pick(state.trainable), state.frozen if share_frozen else pick(state.frozen),
+                      pick(state.other), pick(state.opt_state), state.step[i])
 
 
 def write_back(model: nnx.Module, state: TrainState) -> nnx.Module:

@@ -210,8 +210,8 @@ def _train_all(ctx: StageContext, plans) -> tuple[list, list[dict[str, Any]]]:
 
 
 def stage_train(ctx: StageContext) -> StageOutcome:
-    from layerlens_jax.app.pipeline import (DivergenceError, comparison_markdown, summarise,
-                                            write_json)
+    from layerlens_jax.app.pipeline import DivergenceError, write_json
+    from layerlens_jax.app.summary import comparison_markdown, summarise
     from layerlens_jax.app.rundir import stage_seconds
 
     plans = _load_plans(ctx)
@@ -299,7 +299,8 @@ def stage_report(ctx: StageContext) -> StageOutcome:
     from layerlens_jax._src.plan_metrics import plan_metrics, render_metrics_markdown
     from layerlens_jax._src.utility import UtilityReport
     from layerlens_jax.app import report as R
-    from layerlens_jax.app.pipeline import comparison_markdown, write_json
+    from layerlens_jax.app.pipeline import write_json
+    from layerlens_jax.app.summary import comparison_markdown
     from layerlens_jax.app.stats_file import check_stats_json, read_json
     from layerlens_jax.app.rundir import stage_seconds
 
