@@ -42,7 +42,8 @@ from layerlens_jax._src.export import to_peft_config
 from layerlens_jax._src.peft import (BASE_FILTER, PEFT_FILTER, Adapter, LoRA, PeftParam, Prefix,
                                      apply_plan, count_trainable, init_adapters, merge)
 from layerlens_jax._src.train import (linen_variables, make_functional_train_step,
-                                      make_linen_train_step, make_optimizer, make_train_step)
+                                      make_linen_train_step, make_optimizer, make_train_step,
+                                      stack_train_states, unstack_train_state)
 from layerlens_jax._src.checkpoint import CheckpointError, restore_adapters, save_adapters
 # 6. in-training reallocation: re-solve part-way, resize LoRA ranks keeping what was learned
 from layerlens_jax._src.reallocate import (lora_ranks, merged_utility, reallocate_plan,
@@ -64,7 +65,7 @@ __all__ = [
     "BASE_FILTER", "PEFT_FILTER", "Adapter", "LoRA", "PeftParam", "Prefix",
     "apply_plan", "count_trainable", "init_adapters", "merge",
     "make_functional_train_step", "make_linen_train_step", "linen_variables", "make_optimizer",
-    "make_train_step",
+    "make_train_step", "stack_train_states", "unstack_train_state",
     "CheckpointError", "restore_adapters", "save_adapters",
     "lora_ranks", "merged_utility", "reallocate_plan", "resize_lora", "transfer_optimizer_state",
     "BertClassifier", "BertConfig", "LinenBertClassifier",

@@ -27,7 +27,8 @@ PUBLIC_API = [
     "make_train_step", "measure_step_profile", "merge", "merged_utility", "plan_metrics",
     "probe_utility", "profile", "reallocate_plan", "register_site_kind", "resize_lora",
     "restore_adapters", "sampled_label_loss", "save_adapters", "save_plan", "site_kind_of",
-    "to_peft_config", "transfer_optimizer_state", "utility", "utility_report",
+    "stack_train_states", "to_peft_config", "transfer_optimizer_state", "unstack_train_state",
+    "utility", "utility_report",
 ]
 
 # Importing the core must not pull in the application or its extras.
