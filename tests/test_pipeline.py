@@ -496,3 +496,15 @@ def test_train_seeds_together_equals_one_seed_at_a_time():
     assert together[0].test_loss != together[1].test_loss  # the seeds differ
     assert stackable("uniform_lora") and not stackable("realloc_lora")
     assert not stackable("adalora", make_step=object())
+
+
+def test_evaluate_split_r2_has_no_cancellation_for_offset_targets():
+    """Targets 1e4 + a small spread: R² from float64 deviations on the host, not from float32
+    sums of y² (which would cancel to noise)."""
+    w, b = [0.5, -1.0, 2.0], 1e4
+    arrays = _lookup_arrays()
+    y = (1e4 + np.array([0.7, -0.9, 0.1, 1.2, -0.4, 2.5, 1.9])).astype(np.float32)
+    arrays["labels"] = y
+    pred = (np.array(w)[TOKENS] + b).astype(np.float32)
+    out = evaluate_split(LinearOutput(w, b), arrays, 3)
+    assert out["score"] == pytest.approx(_r2_reference(pred, y), rel=1e-4)

@@ -311,9 +311,8 @@ def _correct(logits, labels, w):
 
 @jax.jit
 def _squared(outputs, targets, w):
-    """(Σ w·(pred − y)², Σ w·y, Σ w·y², Σ w) of one batch."""
-    e = jnp.square(outputs[:, 0] - targets)
-    return jnp.sum(e * w), jnp.sum(targets * w), jnp.sum(jnp.square(targets) * w), jnp.sum(w)
+    """(Σ w·(pred − y)², Σ w) of one batch."""
+    return jnp.sum(jnp.square(outputs[:, 0] - targets) * w), jnp.sum(w)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -330,14 +329,15 @@ def evaluate_split(model, arrays: dict[str, np.ndarray], batch_size: int) -> dic
 
     graphdef, state = nnx.split(model)
     regression = np.issubdtype(np.asarray(arrays["labels"]).dtype, np.floating)
-    sums = np.zeros(4 if regression else 3)
+    sums = np.zeros(2 if regression else 3)
     for batch in iterate_batches(arrays, batch_size, shuffle=False):
         out = _eval_logits(graphdef, state, batch)
         part = (_squared if regression else _correct)(out, batch["labels"], batch["example_mask"])
         sums += np.array([float(x) for x in part])
-    if regression:
-        sse, sy, syy, n = sums
-        sst = syy - sy * sy / n
+    if regression:  # the total sum of squares in float64 on the host: no cancellation
+        sse, n = sums
+        y = np.asarray(arrays["labels"], np.float64)
+        sst = float(np.sum(np.square(y - y.mean())))
         score = 1.0 - sse / sst if sst > 0 else (1.0 if sse == 0 else -math.inf)
         return {"metric": "r2", "score": float(score), "loss": float(sse / n), "examples": int(n)}
     hit, loss, n = sums
