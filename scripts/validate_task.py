@@ -1,23 +1,23 @@
-"""Task-performance validation: LayerLens plans vs uniform LoRA at the same parameter budget.
+"""Task-performance validation: LayerLens plans vs the uniform configurations a careful user tries,
+at the same parameter budget.
 
-For each task (real TREC-6 questions, real movie-review sentences) and each budget (the parameter
-count of uniform LoRA r=8 on query/value of all 6 layers, times ``--budgets``), fine-tunes the
-pretrained MiniLM-L6 with
+For each task (``--tasks``: trec6, trec50, movie_sentiment, tweet_sentiment; ``name:500`` keeps 500
+training examples) and each budget (the parameter count of uniform LoRA r=8 on query/value of the
+6 layers, times ``--budgets``), fine-tunes the pretrained MiniLM-L6 with the ``--variants``
+(:data:`DEFAULT_VARIANTS`): the uniform candidates ``uniform:{qv,qkvo,ffn,all}`` (largest rank
+that fits), the allocated plans (``layerlens_lora``, ``layerlens_mixed``, the spectral, tied,
+probe, fill and reallocating plans, GoRA's ``gora`` / ``gora_fill`` / ``gora_fill_rs`` /
+``gora_gain`` and the job's default ``gora_floor``), EVA-JAX, AdaLoRA-JAX, and ``head_only`` /
+``full`` once per task. Every seed pairs the data order, head initialisation and optimizer
+settings across variants; every choice is made on validation, the test split only reported.
 
-  1. uniform_lora     the same rank on query and value of every layer (rank scaled with the budget),
-  2. layerlens_lora   a LoRA-only plan from the per-site utility,
-  3. layerlens_mixed  a LoRA / Adapter / Prefix / none plan,
-  4. head_only, full  reference points (run once per task, not per budget),
+Results are stored by a hash of each run's settings in ``<out>/validation.json`` after every run:
+a rerun continues and never recomputes (``--merge DIR...`` unions worker stores, ``--render``
+rewrites ``validation.md``). ``--vmap-seeds N`` trains up to N pending seeds of a variant in one
+vmapped step (an accelerator). ``--predictive`` also measures the utility's predictive validity.
 
-over ``--seeds`` with identical data order, head initialisation and optimizer settings per seed,
-and reports mean ± std test accuracy, trainable parameters, train time and XLA step memory as
-Markdown + JSON. With ``--predictive`` it also measures the utility's predictive validity: for
-every LoRA-able encoder site, the validation-loss drop of training a rank-8 LoRA on that site
-alone for a few steps (from the profiled state), and the Spearman correlation of those drops with
-the utility. Results are written after every run and reused on restart (``--fresh`` to redo).
-
-    python scripts/validate_task.py --tasks trec6 --budgets 1.0 --seeds 0 1 2
-    python scripts/validate_task.py --tasks trec6 movie_sentiment --budgets 1.0 0.5 --predictive
+    python scripts/validate_task.py --tasks trec6 --budgets 1.0 0.125 --seeds 0 1 2 3 4
+    python scripts/validate_task.py --tasks trec6:500 --budgets 1.0 --variants uniform:all gora_floor
 """
 
 from __future__ import annotations
