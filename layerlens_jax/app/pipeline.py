@@ -454,18 +454,28 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
     ``reallocate(wrt) -> hook``: in-training reallocation
     (:func:`~layerlens_jax.app.reallocation.reallocation_hook`), its seconds excluded from
     ``train_seconds`` (the caller's log has them)."""
-    from layerlens_jax.app.data import num_batches
     from layerlens_jax._src.train import write_back
 
-    cfg = prep.cfg
     model, wrt = build_variant(prep, variant, plan, seed, adapt)
     trainable = count_params(model, wrt)
     step, state = variant_step(prep, variant, model, wrt, make_step)
-    per_epoch = num_batches(prep.sizes["train"], cfg.data.batch_size, drop_remainder=True)
     hook = None if reallocate is None else reallocate(wrt)
     state, curve, seconds, memory = _run_steps(prep, variant, seed, model, step, state,
                                                progress=progress, hook=hook)
     write_back(model, state)
+    return variant_result(prep, variant, plan, seed, model, trainable=trainable, curve=curve,
+                          seconds=seconds, memory=memory, keep_model=keep_model)
+
+
+def variant_result(prep: Prepared, variant: str, plan, seed: int, model, *, trainable: int,
+                   curve: tuple[CurvePoint, ...], seconds: float, memory: float | None,
+                   keep_model: bool = False) -> VariantResult:
+    """The :class:`VariantResult` of a trained ``model`` (its final state written back): the test
+    split evaluated once, the validation figures from the last curve point."""
+    from layerlens_jax.app.data import num_batches
+
+    cfg = prep.cfg
+    per_epoch = num_batches(prep.sizes["train"], cfg.data.batch_size, drop_remainder=True)
     test = evaluate_split(model, prep.arrays["test"], cfg.data.eval_batch_size)
     return VariantResult(
         variant=variant, seed=seed, metric=test["metric"], trainable_params=trainable,
@@ -473,7 +483,7 @@ def train_variant(prep: Prepared, variant: str, plan, seed: int, *, progress: bo
         test_score=test["score"], test_loss=test["loss"],
         val_score=curve[-1].val_score, val_loss=curve[-1].val_loss,
         train_seconds=seconds, steps=cfg.train.steps, epochs=cfg.train.steps / max(per_epoch, 1),
-        step_memory_bytes=memory, curve=curve, model=model if keep_model else None)
+        step_memory_bytes=memory, curve=tuple(curve), model=model if keep_model else None)
 
 
 def _run_steps(prep: Prepared, variant: str, seed: int, model, step, state, *, progress: bool,

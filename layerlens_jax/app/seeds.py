@@ -22,8 +22,8 @@ import jax
 import numpy as np
 
 from layerlens_jax.app.pipeline import (CurvePoint, Prepared, VariantResult, _check_divergence,
-                                        _endless_batches, build_variant, count_params,
-                                        evaluate_split, variant_step)
+                                        _endless_batches, _validate, build_variant, count_params,
+                                        variant_result, variant_step)
 
 __all__ = ["train_seeds", "stackable"]
 
@@ -43,8 +43,7 @@ def train_seeds(prep: Prepared, variant: str, plan, seeds: Sequence[int], *, ada
     seeds (what a seed cost); ``step_memory_bytes`` is None (one program serves all seeds).
     A seed whose loss diverges raises :class:`~layerlens_jax.app.pipeline.DivergenceError` for
     that seed (the others are not kept)."""
-    from layerlens_jax._src.train import stack_train_states, unstack_train_state, write_back
-    from layerlens_jax.app.data import num_batches
+    from layerlens_jax._src.train import stack_train_states, unstack_train_state
 
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -81,21 +80,13 @@ def train_seeds(prep: Prepared, variant: str, plan, seeds: Sequence[int], *, ada
             te = time.perf_counter()
             for k, (s, model) in enumerate(zip(seeds, models)):
                 _check_divergence(cfg, variant, s, i + 1, float(recent[k]), float(initial[k]))
-                write_back(model, unstack_train_state(state, k, share_frozen=run.share_frozen))
-                val = evaluate_split(model, prep.arrays["validation"], cfg.data.eval_batch_size)
+                val = _validate(prep, model,
+                                unstack_train_state(state, k, share_frozen=run.share_frozen))
                 curves[k].append(CurvePoint(step=i + 1, train_loss=float(recent[k]),
                                             val_loss=val["loss"], val_score=val["score"]))
             eval_seconds += time.perf_counter() - te
     jax.block_until_ready(state.trainable)
     seconds = (time.perf_counter() - t0 - eval_seconds) * total / max(total - 1, 1)
-    per_epoch = num_batches(prep.sizes["train"], cfg.data.batch_size, drop_remainder=True)
-    out = []
-    for s, model, curve in zip(seeds, models, curves):
-        test = evaluate_split(model, prep.arrays["test"], cfg.data.eval_batch_size)
-        out.append(VariantResult(
-            variant=variant, seed=s, metric=test["metric"], trainable_params=trainable,
-            adapter_params=None if plan is None else int(round(plan.use["params"])),
-            test_score=test["score"], test_loss=test["loss"], val_score=curve[-1].val_score,
-            val_loss=curve[-1].val_loss, train_seconds=seconds / len(seeds), steps=total,
-            epochs=total / max(per_epoch, 1), step_memory_bytes=None, curve=tuple(curve)))
-    return out
+    return [variant_result(prep, variant, plan, s, model, trainable=trainable, curve=curve,
+                           seconds=seconds / len(seeds), memory=None)
+            for s, model, curve in zip(seeds, models, curves)]
