@@ -132,12 +132,13 @@ class TaskSplits:
 
     @property
     def num_labels(self) -> int:
-        """Classes, or 1 (the one output of a regression head)."""
-        return len(self.label_names) or 1
+        """Classes, or 1 (the one output of a regression head): :attr:`TaskData.num_labels`."""
+        return self.train.num_labels
 
     @property
     def regression(self) -> bool:
-        return not self.label_names
+        """:attr:`TaskData.regression` (every split shares the label names)."""
+        return self.train.regression
 
     def sizes(self) -> dict[str, int]:
         return {s: len(self[s]) for s in SPLITS}
